@@ -1,0 +1,43 @@
+# The cell-atlas pipeline: raw counts -> QC -> normalization -> embeddings -> clusters,
+# every stage a tracked MLflow child run under one parent run per invocation.
+# Run: snakemake --cores all        Config: config/config.yaml (schema: config/schema/)
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+# The schema's defaults are filled in here; errors are one line naming the key.
+validate_config(config, "config/schema/config.schema.yaml")
+
+
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/qc.smk"
+include: "workflow/rules/normalize.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/cluster.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True
+
+
+onstart:
+    start_tracking()
+
+
+onsuccess:
+    end_tracking("FINISHED")
+
+
+onerror:
+    end_tracking("FAILED")

@@ -1,0 +1,18 @@
+rule cluster:
+    input:
+        "results/{dataset}/embed.h5ad",
+    output:
+        h5ad="results/{dataset}/cluster.h5ad",
+        agreement="results/{dataset}/cluster/agreement.tsv",
+        markers="results/{dataset}/cluster/markers.tsv",
+        umap=report("results/{dataset}/cluster/umap_leiden.png", category="Clusters", subcategory="{dataset}"),
+        run="results/{dataset}/cluster/run.json",
+    params:
+        cluster=config["cluster"],
+        seed=config["seed"],
+    log:
+        "results/{dataset}/logs/cluster.log",
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/cluster.py"

@@ -1,0 +1,79 @@
+# Helpers shared by the stage files: config access, input functions, tracking hooks.
+import os
+import sys
+from pathlib import Path
+
+# The library lives beside the scripts; the Snakefile needs it too (config checks, hooks).
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
+
+from cellatlas.errors import ConfigError  # noqa: E402
+from snakemake.exceptions import WorkflowError  # noqa: E402
+
+PIPELINE_ENV = "../../envs/pipeline.yaml"
+STAGE_FILES = ("ingest", "qc", "normalize", "embed", "cluster")
+PATH_SOURCES = ("10x_mtx", "10x_h5", "h5ad", "csv")
+
+
+def validate_config(config, schema):
+    from cellatlas.config import validate
+
+    try:
+        validate(config, schema)
+    except ConfigError as e:
+        raise WorkflowError(str(e)) from None
+
+
+def get_dataset(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def get_source_path(wildcards):
+    source = get_dataset(wildcards)["source"]
+    if source["kind"] == "url":
+        return f"results/downloads/{wildcards.dataset}/{source['filename']}"
+    if source["kind"] in PATH_SOURCES:
+        path = source["path"]
+        if not os.path.exists(path):
+            raise WorkflowError(f"dataset '{wildcards.dataset}': source.path '{path}' does not exist")
+        return path
+    return None
+
+
+def get_ingest_input(wildcards):
+    path = get_source_path(wildcards)
+    return {"source": path} if path else {}
+
+
+def get_download_params(wildcards):
+    source = get_dataset(wildcards)["source"]
+    return {"url": source["url"], "sha256": source["sha256"]}
+
+
+def get_final_outputs():
+    outputs = ["results/summary.tsv"]
+    for ds in config["datasets"]:
+        outputs += [f"results/{ds}/{stage}/run.json" for stage in STAGE_FILES]
+    return outputs
+
+
+def get_tracking_uri():
+    from cellatlas.tracking import default_uri
+
+    return config["tracking"]["uri"] or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(os.getcwd())
+
+
+def start_tracking():
+    from cellatlas.tracking import start_parent
+
+    # an unreachable server must fail a job in seconds, not after MLflow's ~4 minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(".snakemake", "numba-cache").resolve()))
+    Path("results").mkdir(exist_ok=True)
+    start_parent(uri=get_tracking_uri(), experiment=config["tracking"]["experiment"], config=config, workdir=os.getcwd())
+
+
+def end_tracking(status):
+    from cellatlas.tracking import end_parent
+
+    end_parent(status)

@@ -1,0 +1,21 @@
+rule embed:
+    input:
+        "results/{dataset}/normalize.h5ad",
+    output:
+        h5ad="results/{dataset}/embed.h5ad",
+        pca=report(
+            "results/{dataset}/embed/pca_variance.png", category="Embeddings", subcategory="{dataset}"
+        ),
+        umap=report("results/{dataset}/embed/umap.png", category="Embeddings", subcategory="{dataset}"),
+        tsne=report("results/{dataset}/embed/tsne.png", category="Embeddings", subcategory="{dataset}"),
+        run="results/{dataset}/embed/run.json",
+    params:
+        embed=config["embed"],
+        seed=config["seed"],
+    threads: 2
+    log:
+        "results/{dataset}/logs/embed.log",
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/embed.py"

@@ -1,0 +1,18 @@
+rule normalize:
+    input:
+        "results/{dataset}/qc.h5ad",
+    output:
+        h5ad="results/{dataset}/normalize.h5ad",
+        hvg="results/{dataset}/normalize/hvg.tsv",
+        figure=report(
+            "results/{dataset}/normalize/hvg.png", category="Normalization", subcategory="{dataset}"
+        ),
+        run="results/{dataset}/normalize/run.json",
+    params:
+        normalize=config["normalize"],
+    log:
+        "results/{dataset}/logs/normalize.log",
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/normalize.py"

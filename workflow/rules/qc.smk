@@ -1,0 +1,21 @@
+rule qc:
+    input:
+        "results/{dataset}/ingest.h5ad",
+    output:
+        h5ad="results/{dataset}/qc.h5ad",
+        thresholds="results/{dataset}/qc/thresholds.tsv",
+        cells="results/{dataset}/qc/cells.tsv.gz",
+        histograms=report(
+            "results/{dataset}/qc/histograms.png", category="QC", subcategory="{dataset}"
+        ),
+        scatter=report("results/{dataset}/qc/scatter.png", category="QC", subcategory="{dataset}"),
+        run="results/{dataset}/qc/run.json",
+    params:
+        qc=config["qc"],
+        seed=config["seed"],
+    log:
+        "results/{dataset}/logs/qc.log",
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/qc.py"

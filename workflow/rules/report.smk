@@ -1,0 +1,14 @@
+rule summary:
+    input:
+        records=expand(
+            "results/{dataset}/{stage}/run.json", dataset=list(config["datasets"]), stage=STAGE_FILES
+        ),
+    output:
+        table=report("results/summary.tsv", category="Summary"),
+        run="results/summary/run.json",
+    log:
+        "results/logs/summary.log",
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/summary.py"

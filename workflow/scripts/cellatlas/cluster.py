@@ -1,0 +1,118 @@
+"""Leiden clustering at several resolutions, agreement with known labels, marker genes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from cellatlas import keys
+
+log = logging.getLogger(__name__)
+
+
+def leiden(adata, *, resolutions: list[float], seed: int = 0) -> dict[float, int]:
+    """Leiden on the kNN graph at each resolution.
+
+    Returns
+    -------
+    ``{resolution: number of clusters}``; ``adata.obs[leiden_key(r)]`` holds each clustering.
+    """
+    import scanpy as sc
+
+    n = {}
+    for r in resolutions:
+        key = keys.leiden_key(r)
+        # igraph's implementation: deterministic for a seed, and scanpy's future default.
+        sc.tl.leiden(adata, resolution=r, key_added=key, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+        n[r] = int(adata.obs[key].nunique())
+    return n
+
+
+def agreement(adata, *, resolutions: list[float]) -> pd.DataFrame:
+    """ARI and NMI of each clustering against ``obs["label"]`` (cells with a label only).
+
+    Returns
+    -------
+    Table with ``resolution``, ``n_clusters``, ``ari``, ``nmi``, ``n_labelled`` (NaN scores without labels).
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rows = []
+    labels = adata.obs[keys.LABEL] if keys.LABEL in adata.obs else None
+    mask = labels.notna().to_numpy() if labels is not None else np.zeros(adata.n_obs, dtype=bool)
+    for r in resolutions:
+        clusters = adata.obs[keys.leiden_key(r)]
+        row = {"resolution": r, "n_clusters": int(clusters.nunique()), "n_labelled": int(mask.sum())}
+        if mask.any():
+            truth = labels[mask].astype(str).to_numpy()
+            pred = clusters[mask].astype(str).to_numpy()
+            row["ari"] = float(adjusted_rand_score(truth, pred))
+            row["nmi"] = float(normalized_mutual_info_score(truth, pred))
+        else:
+            row["ari"] = row["nmi"] = float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["resolution", "n_clusters", "n_labelled", "ari", "nmi"])
+
+
+def markers(adata, *, resolution: float, method: str = "wilcoxon", n_genes: int = 25) -> pd.DataFrame:
+    """Marker genes of each cluster at ``resolution`` against the rest, on log-normalized ``X``.
+
+    Returns
+    -------
+    Long table: ``cluster``, ``rank``, ``gene``, ``score``, ``logfoldchange``, ``pval_adj``;
+    ``adata.uns["rank_genes_groups"]`` holds scanpy's full result.
+    """
+    import scanpy as sc
+
+    key = keys.leiden_key(resolution)
+    if adata.obs[key].nunique() < 2:
+        return pd.DataFrame(columns=["cluster", "rank", "gene", "score", "logfoldchange", "pval_adj"])
+    sc.tl.rank_genes_groups(adata, groupby=key, method=method, n_genes=n_genes, use_raw=False)
+    frame = sc.get.rank_genes_groups_df(adata, group=None)
+    frame = frame.rename(columns={"group": "cluster", "names": "gene", "scores": "score", "logfoldchanges": "logfoldchange", "pvals_adj": "pval_adj"})
+    frame["rank"] = frame.groupby("cluster", observed=True).cumcount() + 1
+    cols = ["cluster", "rank", "gene", "score", "logfoldchange", "pval_adj"]
+    return frame[[c for c in cols if c in frame.columns]]
+
+
+def cluster(
+    adata,
+    *,
+    resolutions: list[float],
+    marker_resolution: float,
+    marker_method: str = "wilcoxon",
+    marker_n_genes: int = 25,
+    seed: int = 0,
+):
+    """Leiden at every resolution, agreement with labels, markers at ``marker_resolution``.
+
+    Returns
+    -------
+    ``(agreement table, marker table, summary dict)``; params in ``uns["cellatlas"]["cluster"]``.
+    """
+    leiden(adata, resolutions=resolutions, seed=seed)
+    table = agreement(adata, resolutions=resolutions)
+    marker_table = markers(adata, resolution=marker_resolution, method=marker_method, n_genes=marker_n_genes)
+    summary = {}
+    for row in table.itertuples(index=False):
+        summary[f"n_clusters_r{row.resolution:g}"] = row.n_clusters
+        if not np.isnan(row.ari):
+            summary[f"ari_r{row.resolution:g}"] = row.ari
+            summary[f"nmi_r{row.resolution:g}"] = row.nmi
+    if table["ari"].notna().any():
+        best = table.loc[table["ari"].idxmax()]
+        summary["best_ari"] = float(best["ari"])
+        summary["best_ari_resolution"] = float(best["resolution"])
+    adata.uns[keys.UNS_KEY]["cluster"] = {
+        "params": {
+            "resolutions": list(map(float, resolutions)),
+            "marker_resolution": marker_resolution,
+            "marker_method": marker_method,
+            "marker_n_genes": marker_n_genes,
+            "seed": seed,
+        },
+        "summary": summary,
+    }
+    return table, marker_table, summary

@@ -1,0 +1,20 @@
+"""Errors a user can act on: one line, naming the dataset, file or config key."""
+
+
+class CellAtlasError(Exception):
+    """Base class: the message is shown to the user as a single line, without a traceback."""
+
+
+class ConfigError(CellAtlasError):
+    """The configuration is wrong; raised before any job runs."""
+
+
+class InputDataError(CellAtlasError):
+    """A dataset's file or values are unusable."""
+
+    def __init__(self, dataset: str, problem: str, *, path: str | None = None):
+        where = f"dataset '{dataset}'" + (f", file '{path}'" if path else "")
+        super().__init__(f"{where}: {problem}")
+        self.dataset = dataset
+        self.path = path
+        self.problem = problem

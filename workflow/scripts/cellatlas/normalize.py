@@ -1,0 +1,69 @@
+"""Normalization and highly variable genes.
+
+Counts stay in ``layers["counts"]``; ``X`` becomes log1p of total-count-normalized values.
+Input that arrived already log-normalized is left as it is (normalizing twice is a silent
+error), and the record says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+from cellatlas import keys
+from cellatlas.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+
+def normalize(
+    adata,
+    dataset: str,
+    *,
+    target_sum: float | None = 1e4,
+    n_top_genes: int = 2000,
+    batch_aware: bool = True,
+):
+    """Normalize and select highly variable genes, in place.
+
+    Returns
+    -------
+    Summary dict. ``adata`` gains ``layers["counts"]`` (counts input only), log-normalized ``X``,
+    ``var["highly_variable"]`` (and ``highly_variable_nbatches`` when batch-aware) and
+    ``uns["cellatlas"]["normalize"]`` with params and summary.
+    """
+    import scanpy as sc
+
+    counts = adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS
+    if counts:
+        adata.layers[keys.COUNTS_LAYER] = adata.X.copy()
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        sc.pp.log1p(adata)
+        method = f"total-count to {target_sum:g} + log1p" if target_sum else "total-count to median + log1p"
+    else:
+        method = "none: input already log-normalized"
+    n_top = min(n_top_genes, adata.n_vars)
+    batch_key = keys.BATCH if batch_aware and keys.BATCH in adata.obs else None
+    if batch_key is not None and adata.obs[batch_key].nunique() < 2:
+        batch_key = None
+    # seurat flavor works on log data; seurat_v3 would need counts and an extra package.
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat", batch_key=batch_key)
+    n_hvg = int(adata.var["highly_variable"].sum())
+    if n_hvg == 0:
+        raise InputDataError(dataset, "no highly variable genes found")
+    summary = {"normalization": method, "n_hvg": n_hvg, "hvg_batch_key": batch_key or ""}
+    adata.uns[keys.UNS_KEY]["normalize"] = {
+        "params": {"target_sum": target_sum if target_sum else 0.0, "n_top_genes": n_top_genes, "batch_aware": batch_aware},
+        "summary": summary,
+    }
+    return summary
+
+
+def hvg_table(adata):
+    """Per-gene dispersion table for the HVG figure and the artifact."""
+    cols = [c for c in ("means", "dispersions", "dispersions_norm", "highly_variable", "highly_variable_nbatches") if c in adata.var]
+    table = adata.var[cols].copy()
+    table.index.name = "gene"
+    return table.sort_values("dispersions_norm", ascending=False, na_position="last")
+
+

@@ -1,0 +1,113 @@
+"""Figures, drawn with matplotlib directly (no display, no scanpy global state)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def qc_histograms(obs: pd.DataFrame, thresholds: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """One histogram per QC metric with the applied bounds as red lines."""
+    metrics = [m for m in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo") if m in obs]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    bounds = thresholds.set_index("metric")
+    for ax, m in zip(axes[0], metrics):
+        v = obs[m].to_numpy(dtype=float)
+        ax.hist(v, bins=60, color="#4C72B0")
+        if m in bounds.index:
+            for b in (bounds.loc[m, "lower"], bounds.loc[m, "upper"]):
+                if np.isfinite(b):
+                    ax.axvline(b, color="#C44E52", lw=1.5)
+        ax.set_xlabel(m)
+        ax.set_ylabel("cells")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def qc_scatter(obs: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """Total counts against detected genes, coloured by mitochondrial percentage."""
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    c = obs["pct_counts_mt"] if "pct_counts_mt" in obs else None
+    sc = ax.scatter(obs["total_counts"], obs["n_genes_by_counts"], c=c, s=3, cmap="viridis", rasterized=True)
+    if c is not None:
+        fig.colorbar(sc, ax=ax, label="% mitochondrial")
+    ax.set_xlabel("total counts")
+    ax.set_ylabel("genes detected")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def hvg_dispersion(var: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """Normalized dispersion against mean expression, HVGs highlighted."""
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    hv = var["highly_variable"].to_numpy(dtype=bool)
+    for mask, color, label in ((~hv, "#BBBBBB", "other"), (hv, "#C44E52", f"highly variable ({hv.sum()})")):
+        ax.scatter(var["means"][mask], var["dispersions_norm"][mask], s=3, c=color, label=label, rasterized=True)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean expression")
+    ax.set_ylabel("normalized dispersion")
+    ax.legend(frameon=False, markerscale=3)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def pca_variance(ratio: np.ndarray, path: str, *, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.plot(np.arange(1, len(ratio) + 1), ratio, "o-", ms=3)
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("variance ratio")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def embedding(coords: np.ndarray, colors: dict[str, pd.Series], path: str, *, basis: str, title: str = "") -> None:
+    """Scatter of a 2-D embedding, one panel per colouring (categorical or numeric)."""
+    n = max(1, len(colors))
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
+    order = np.random.default_rng(0).permutation(coords.shape[0])  # no category painted last on top
+    size = max(0.5, min(12.0, 30000.0 / max(coords.shape[0], 1)))
+    items = list(colors.items()) or [("", None)]
+    for ax, (name, values) in zip(axes[0], items):
+        xy = coords[order]
+        if values is None:
+            ax.scatter(xy[:, 0], xy[:, 1], s=size, c="#4C72B0", rasterized=True)
+        elif isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
+            cat = pd.Categorical(values.astype("string").fillna("(none)"))
+            palette = plt.get_cmap("tab20" if len(cat.categories) > 10 else "tab10")
+            codes = cat.codes[order]
+            ax.scatter(xy[:, 0], xy[:, 1], s=size, c=palette(codes % palette.N), rasterized=True)
+            handles = [
+                plt.Line2D([], [], marker="o", ls="", color=palette(i % palette.N), label=str(c))
+                for i, c in enumerate(cat.categories)
+            ]
+            if len(handles) <= 30:
+                ax.legend(handles=handles, frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        else:
+            pts = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=values.to_numpy()[order], cmap="viridis", rasterized=True)
+            fig.colorbar(pts, ax=ax)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{basis} 1")
+        ax.set_ylabel(f"{basis} 2")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def annotation_colors(obs: pd.DataFrame) -> dict[str, pd.Series]:
+    """The standard annotations a dataset carries (label, batch, donor), for colouring."""
+    return {k: obs[k] for k in ("label", "batch", "donor") if k in obs}

@@ -1,0 +1,54 @@
+"""The summary across datasets, built from the stages' run records (files first, tracker second)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+#: columns of the summary, in order: (stage, metric) -> column
+COLUMNS = {
+    ("ingest", "n_cells"): "cells_in",
+    ("ingest", "n_genes"): "genes_in",
+    ("qc", "cells_kept"): "cells_kept",
+    ("qc", "genes_kept"): "genes_kept",
+    ("qc", "doublets_predicted"): "doublets_predicted",
+    ("normalize", "n_hvg"): "n_hvg",
+    ("embed", "pca_variance_explained"): "pca_variance_explained",
+    ("cluster", "best_ari"): "best_ari",
+    ("cluster", "best_ari_resolution"): "best_ari_resolution",
+}
+
+
+def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per dataset: key metrics of every stage, per-resolution clusters/ARI/NMI, run ids."""
+    rows: dict[str, dict] = {}
+    for path in records:
+        rec = json.loads(Path(path).read_text())
+        row = rows.setdefault(rec["dataset"], {"dataset": rec["dataset"]})
+        stage, metrics = rec["stage"], rec["metrics"]
+        for (s, m), col in COLUMNS.items():
+            if s == stage and m in metrics:
+                row[col] = metrics[m]
+        if stage == "cluster":
+            for m, v in metrics.items():
+                if m.startswith(("n_clusters_r", "ari_r", "nmi_r")):
+                    row[m] = v
+        row[f"run_{stage}"] = rec["run_id"]
+    table = pd.DataFrame(list(rows.values()))
+    first = ["dataset"] + [c for c in COLUMNS.values() if c in table]
+    rest = sorted(c for c in table.columns if c not in first and not c.startswith("run_"))
+    runs = [c for c in table.columns if c.startswith("run_")]
+    return table[first + rest + runs].sort_values("dataset").reset_index(drop=True)
+
+
+def log_to_parent(path: str | Path) -> None:
+    """Attach a file to the invocation's parent run, where the comparison belongs."""
+    from cellatlas.tracking import ENV_PARENT, ENV_URI, _client
+
+    parent = os.environ.get(ENV_PARENT)
+    if parent and os.environ.get(ENV_URI):
+        _client(os.environ[ENV_URI]).log_artifact(parent, str(path))

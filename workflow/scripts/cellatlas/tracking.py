@@ -1,0 +1,234 @@
+"""MLflow tracking: one parent run per ``snakemake`` invocation, one child run per stage job.
+
+The parent is created by the Snakefile's ``onstart`` hook and its id handed to every job
+through the environment (jobs are separate processes, locally and under SLURM). Each job
+opens its own child run with :func:`stage_run`, which never leaves a run RUNNING: an
+exception or a termination signal marks it FAILED/KILLED with the traceback as an artifact,
+then the error goes on. Results are files first; each child writes a JSON record with its run
+id and metrics into a declared output, so every result is traceable to its run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV_PARENT = "CELLATLAS_PARENT_RUN_ID"
+ENV_EXPERIMENT = "CELLATLAS_EXPERIMENT"
+ENV_CONFIG_HASH = "CELLATLAS_CONFIG_HASH"
+ENV_GIT_COMMIT = "CELLATLAS_GIT_COMMIT"
+ENV_URI = "MLFLOW_TRACKING_URI"
+DEFAULT_EXPERIMENT = "cellatlas"
+
+TAG_STAGE = "cellatlas.stage"
+TAG_DATASET = "cellatlas.dataset"
+TAG_STATUS = "cellatlas.status"
+MAX_PARAM_LEN = 500
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists become their JSON text."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = text[:MAX_PARAM_LEN]
+    return out
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def git_commit(path: str | Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_uri(workdir: str | Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'results' / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # keep artifacts beside the database, not in ./mlruns of whatever the working directory is
+        location = Path(uri[len("sqlite:///") :]).parent.joinpath("mlflow-artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def common_tags() -> dict[str, str]:
+    tags = {
+        "cellatlas.config_hash": os.environ.get(ENV_CONFIG_HASH, "unknown"),
+        "cellatlas.git_commit": os.environ.get(ENV_GIT_COMMIT, "unknown"),
+        "cellatlas.host": socket.gethostname(),
+    }
+    if "SLURM_JOB_ID" in os.environ:
+        tags["cellatlas.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return tags
+
+
+def start_parent(
+    *, uri: str, experiment: str, config: Mapping[str, Any], workdir: str | Path, run_name: str | None = None
+) -> str:
+    """Create the invocation's parent run and export what jobs need to hang under it."""
+    chash = config_hash(config)
+    os.environ.update(
+        {ENV_URI: uri, ENV_EXPERIMENT: experiment, ENV_CONFIG_HASH: chash, ENV_GIT_COMMIT: git_commit(workdir)}
+    )
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment, uri)
+    tags = {**common_tags(), "cellatlas.kind": "pipeline", TAG_STATUS: "running"}
+    run = client.create_run(exp_id, run_name=run_name or f"pipeline-{chash}", tags=tags)
+    for key, value in flatten(config).items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_dict(run.info.run_id, dict(config), "config.json")
+    os.environ[ENV_PARENT] = run.info.run_id
+    return run.info.run_id
+
+
+def end_parent(status: str = "FINISHED") -> None:
+    """End the parent run started by :func:`start_parent` in this process (no-op if none)."""
+    run_id = os.environ.get(ENV_PARENT)
+    if not run_id:
+        return
+    client = _client(os.environ[ENV_URI])
+    client.set_tag(run_id, TAG_STATUS, status.lower())
+    client.set_terminated(run_id, status=status)
+
+
+class StageRun:
+    """Handle on a stage's child run: logs to MLflow and keeps what it logged for the record."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.metrics: dict[str, float] = {}
+        self.params: dict[str, str] = {}
+        self.artifacts: list[str] = []
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = flatten(params)
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
+        self.params.update(flat)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numeric, finite entries (booleans and strings are kept as tags)."""
+        import math
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        batch, tags = [], []
+        for k, v in metrics.items():
+            if isinstance(v, bool) or isinstance(v, str):
+                tags.append(RunTag(f"cellatlas.{k}", str(v)))
+            elif isinstance(v, (int, float)) and math.isfinite(float(v)):
+                batch.append(Metric(k, float(v), now, step or 0))
+                self.metrics[k] = float(v)
+        self.client.log_batch(self.run_id, metrics=batch, tags=tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.artifacts.append(Path(path).name)
+
+
+@contextmanager
+def stage_run(
+    stage: str, dataset: str | None, *, params: Mapping[str, Any], record: str | Path, workdir: str | Path = "."
+) -> Iterator[StageRun]:
+    """A child run of the invocation's parent for one stage job.
+
+    On success the record JSON (run id, metrics, params) is written to ``record``; on any
+    exception, or SIGTERM (how Snakemake and SLURM stop a job), the run ends FAILED or KILLED
+    with ``error.txt`` attached, and the exception propagates.
+    """
+    uri = os.environ.get(ENV_URI) or default_uri(workdir)
+    experiment = os.environ.get(ENV_EXPERIMENT, DEFAULT_EXPERIMENT)
+    parent = os.environ.get(ENV_PARENT)
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment, uri)
+    tags = {**common_tags(), TAG_STAGE: stage, TAG_STATUS: "running", "cellatlas.kind": "stage"}
+    if dataset:
+        tags[TAG_DATASET] = dataset
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run_name = f"{stage}:{dataset}" if dataset else stage
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    handle = StageRun(client, run.info.run_id)
+
+    def _terminate(signum, frame):  # turn SIGTERM into an exception so the run is closed
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        handle.log_params(params)
+        yield handle
+    except BaseException as exc:
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        try:
+            client.set_tag(run.info.run_id, TAG_STATUS, status.lower())
+            client.log_text(run.info.run_id, "".join(traceback.format_exception(exc)), "error.txt")
+        finally:
+            client.set_terminated(run.info.run_id, status=status)
+        raise
+    else:
+        client.set_tag(run.info.run_id, TAG_STATUS, "finished")
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "run_id": run.info.run_id,
+            "experiment_id": exp_id,
+            "parent_run_id": parent or "",
+            "tracking_uri": uri,
+            "stage": stage,
+            "dataset": dataset or "",
+            "metrics": handle.metrics,
+            "params": handle.params,
+            "artifacts": handle.artifacts,
+        }
+        Path(record).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
