@@ -12,6 +12,8 @@ rule cluster:
         seed=config["seed"],
     log:
         "results/{dataset}/logs/cluster.log",
+    benchmark:
+        "results/{dataset}/benchmarks/cluster.tsv"
     conda:
         PIPELINE_ENV
     script:

@@ -15,6 +15,8 @@ rule embed:
     threads: 2
     log:
         "results/{dataset}/logs/embed.log",
+    benchmark:
+        "results/{dataset}/benchmarks/embed.tsv"
     conda:
         PIPELINE_ENV
     script:

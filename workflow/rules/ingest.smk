@@ -21,6 +21,8 @@ rule ingest:
         dataset=get_dataset,
     log:
         "results/{dataset}/logs/ingest.log",
+    benchmark:
+        "results/{dataset}/benchmarks/ingest.tsv"
     conda:
         PIPELINE_ENV
     script:

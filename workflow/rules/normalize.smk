@@ -12,6 +12,8 @@ rule normalize:
         normalize=config["normalize"],
     log:
         "results/{dataset}/logs/normalize.log",
+    benchmark:
+        "results/{dataset}/benchmarks/normalize.tsv"
     conda:
         PIPELINE_ENV
     script:

@@ -15,6 +15,8 @@ rule qc:
         seed=config["seed"],
     log:
         "results/{dataset}/logs/qc.log",
+    benchmark:
+        "results/{dataset}/benchmarks/qc.tsv"
     conda:
         PIPELINE_ENV
     script:

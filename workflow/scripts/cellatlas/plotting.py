@@ -86,7 +86,9 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], path: str, *, ba
         if values is None:
             ax.scatter(xy[:, 0], xy[:, 1], s=size, c="#4C72B0", rasterized=True)
         elif isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
-            cat = pd.Categorical(values.astype("string").fillna("(none)"))
+            cat = pd.Categorical(values) if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.astype(str))
+            if cat.isna().any():
+                cat = cat.add_categories("(none)").fillna("(none)")
             palette = plt.get_cmap("tab20" if len(cat.categories) > 10 else "tab10")
             codes = cat.codes[order]
             ax.scatter(xy[:, 0], xy[:, 1], s=size, c=palette(codes % palette.N), rasterized=True)

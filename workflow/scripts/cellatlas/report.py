@@ -42,7 +42,12 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
     first = ["dataset"] + [c for c in COLUMNS.values() if c in table]
     rest = sorted(c for c in table.columns if c not in first and not c.startswith("run_"))
     runs = [c for c in table.columns if c.startswith("run_")]
-    return table[first + rest + runs].sort_values("dataset").reset_index(drop=True)
+    table = table[first + rest + runs].sort_values("dataset").reset_index(drop=True)
+    for col in table.columns:  # metrics travel as floats; show counts as integers
+        values = table[col]
+        if values.dtype.kind == "f" and values.dropna().apply(float.is_integer).all() and not col.startswith(("ari", "nmi", "best_ari_res")):
+            table[col] = values.astype("Int64")
+    return table
 
 
 def log_to_parent(path: str | Path) -> None:

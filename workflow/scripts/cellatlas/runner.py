@@ -48,7 +48,9 @@ def run_stage(smk, stage: str, body: Callable[[Any, Any], None]) -> None:
     traceback in the log. Either way the MLflow run is closed as failed.
     """
     terminal, stream = _setup_logging(smk.log[0])
-    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.getcwd(), ".snakemake", "numba-cache"))
+    from cellatlas._numba import enable_cache
+
+    enable_cache(os.path.join(os.getcwd(), ".snakemake", "numba-cache"))
     from cellatlas.tracking import stage_run
 
     dataset = smk.wildcards.get("dataset") if hasattr(smk.wildcards, "get") else None

@@ -34,9 +34,9 @@ class SimulationParams:
     #: mean log-fold change of a marker gene in its type
     marker_lfc: float = 2.0
     #: sd of the per-donor, per-gene log-mean shift
-    donor_sd: float = 0.25
+    donor_sd: float = 0.15
     #: sd of the per-batch, per-gene log-mean shift
-    batch_sd: float = 0.4
+    batch_sd: float = 0.2
     #: median UMIs per cell
     library_size: float = 2500.0
     #: NB inverse dispersion (larger: closer to Poisson)
