@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cellatlas import keys
+from cellatlas.cluster import cluster
+from cellatlas.embed import embed, pca
+from cellatlas.normalize import normalize
+from cellatlas.qc import run_qc
+
+
+@pytest.fixture
+def normalized(canonical):
+    a = run_qc(canonical, "sim", mode="fixed", fixed={"min_genes": 0}, doublets=False).adata
+    normalize(a, "sim", n_top_genes=200)
+    return a
+
+
+def test_normalize_keeps_counts_and_logs(normalized):
+    counts = normalized.layers[keys.COUNTS_LAYER]
+    assert np.all(counts.data == np.round(counts.data))
+    totals = np.expm1(normalized.X).sum(axis=1)
+    np.testing.assert_allclose(totals, 1e4, rtol=1e-3)
+    assert normalized.var["highly_variable"].sum() == 200
+    assert "highly_variable_nbatches" in normalized.var  # batch-aware: the dataset has batches
+
+
+def test_lognorm_input_is_not_normalized_twice(canonical):
+    a = canonical.copy()
+    a.X.data = np.log1p(a.X.data) + 0.1
+    a.uns[keys.UNS_KEY]["ingest"]["values"] = keys.VALUES_LOGNORM
+    before = a.X.copy()
+    summary = normalize(a, "sim", n_top_genes=100)
+    assert (a.X != before).nnz == 0 and keys.COUNTS_LAYER not in a.layers
+    assert summary["normalization"].startswith("none")
+
+
+def test_sparse_pca_equals_dense_zscore_pca(normalized):
+    from sklearn.decomposition import PCA
+
+    pca(normalized, n_pcs=10)
+    hv = normalized.var["highly_variable"].to_numpy()
+    dense = normalized.X[:, hv].toarray().astype(np.float64)
+    z = (dense - dense.mean(0)) / dense.std(0)
+    ref = PCA(10, svd_solver="full").fit_transform(z)
+    ours = normalized.obsm["X_pca"]
+    for k in range(10):  # same components up to sign
+        assert abs(np.corrcoef(ref[:, k], ours[:, k])[0, 1]) > 0.999
+    assert sp.issparse(normalized.X)  # the gene matrix itself stays sparse
+    assert (normalized.varm["PCs"][~hv] == 0).all()
+
+
+def test_embed_and_cluster_recover_simulated_types(normalized):
+    summary = embed(normalized, n_pcs=20, seed=0)
+    assert normalized.obsm["X_umap"].shape == (normalized.n_obs, 2)
+    assert normalized.obsm["X_tsne"].shape == (normalized.n_obs, 2)
+    assert 0 < summary["pca_variance_explained"] <= 1
+    table, markers, s = cluster(normalized, resolutions=[0.3, 1.0], marker_resolution=0.3, marker_n_genes=5)
+    assert s["best_ari"] > 0.9, table
+    assert set(table["resolution"]) == {0.3, 1.0}
+    assert (markers.groupby("cluster")["rank"].max() == 5).all()
+
+
+def test_same_seed_same_embedding_and_clusters(normalized):
+    a, b = normalized.copy(), normalized.copy()
+    for x in (a, b):
+        embed(x, n_pcs=20, seed=1)
+        cluster(x, resolutions=[1.0], marker_resolution=1.0, marker_n_genes=3)
+    np.testing.assert_array_equal(a.obsm["X_umap"], b.obsm["X_umap"])
+    np.testing.assert_array_equal(a.obsm["X_tsne"], b.obsm["X_tsne"])
+    assert (a.obs[keys.leiden_key(1.0)] == b.obs[keys.leiden_key(1.0)]).all()
+
+
+def test_cluster_without_labels_reports_nan(normalized):
+    del normalized.obs[keys.LABEL]
+    embed(normalized, n_pcs=10)
+    table, _, summary = cluster(normalized, resolutions=[1.0], marker_resolution=1.0)
+    assert np.isnan(table.loc[0, "ari"]) and "best_ari" not in summary

@@ -1,0 +1,56 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellatlas import keys
+from cellatlas.errors import InputDataError
+from cellatlas.qc import mad_bounds, run_qc, thresholds
+
+
+def test_mad_bounds():
+    x = np.array([1, 2, 3, 4, 100], dtype=float)  # median 3, MAD 1
+    assert mad_bounds(x, 2) == (1.0, 5.0)
+    lo, hi = mad_bounds(x, 2, lower=False)
+    assert lo == -np.inf and hi == 5.0
+
+
+def test_fixed_thresholds_count_cells_outside():
+    obs = pd.DataFrame({"n_genes_by_counts": [100, 300, 900], "total_counts": [500, 800, 5000], "pct_counts_mt": [1, 30, 2]})
+    t = thresholds(obs, mode="fixed", fixed={"min_genes": 200, "max_pct_mt": 20}, nmads=5, nmads_mt=3, counts=True).set_index("metric")
+    assert t.loc["n_genes_by_counts", "n_outside"] == 1
+    assert t.loc["pct_counts_mt", "n_outside"] == 1
+    assert t.loc["total_counts", "n_outside"] == 0
+
+
+def test_mad_mode_removes_outliers_and_scores_doublets(canonical):
+    a = canonical.copy()
+    X = a.X.tolil()
+    X[0, :] = 0  # an empty droplet
+    X[0, 20:25] = 1
+    a.X = X.tocsr()
+    res = run_qc(a, "sim", mode="mad", nmads=3, doublets=True)
+    assert a.obs_names[0] not in res.adata.obs_names
+    assert not res.cells.loc[a.obs_names[0], "passed_qc"]
+    assert res.summary["cells_in"] == 600 and res.summary["cells_kept"] == res.adata.n_obs < 600
+    assert "doublet_score" in res.adata.obs and "doublets_predicted" in res.summary
+    assert res.adata.uns[keys.UNS_KEY]["qc"]["params"]["mode"] == "mad"
+
+
+def test_remove_doublets(canonical):
+    res = run_qc(canonical.copy(), "sim", mode="fixed", fixed={"min_genes": 0}, doublets=True, remove_doublets=True)
+    assert not res.adata.obs["predicted_doublet"].any()
+
+
+def test_no_cells_left_is_a_clear_error(canonical):
+    with pytest.raises(InputDataError, match=r"dataset 'sim': no cells left after QC \(600 cells in; n_genes_by_counts in \[1e\+05"):
+        run_qc(canonical, "sim", mode="fixed", fixed={"min_genes": 100000}, doublets=False)
+
+
+def test_lognorm_input_skips_count_based_qc(canonical):
+    a = canonical.copy()
+    a.X.data = np.log1p(a.X.data) + 0.1
+    a.uns[keys.UNS_KEY]["ingest"]["values"] = keys.VALUES_LOGNORM
+    res = run_qc(a, "sim", mode="fixed", fixed={"min_genes": 0, "max_pct_mt": 1}, doublets=True)
+    assert list(res.thresholds["metric"]) == ["n_genes_by_counts"]
+    assert res.adata.n_obs == 600 and "doublet_score" not in res.adata.obs
+    assert "need counts" in res.summary["skipped"]
