@@ -18,7 +18,7 @@ from cellatlas import keys
 log = logging.getLogger(__name__)
 
 
-def pca(adata, *, n_pcs: int = 50, scale: bool = True, seed: int = 0) -> dict:
+def pca(adata, *, n_pcs: int = 40, scale: bool = True, seed: int = 0) -> dict:
     """PCA of the HVG submatrix.
 
     Returns
@@ -59,7 +59,7 @@ def pca(adata, *, n_pcs: int = 50, scale: bool = True, seed: int = 0) -> dict:
     return {"n_pcs": n_comps, "pca_variance_explained": float(ratio.sum()), "pc1_variance_ratio": float(ratio[0])}
 
 
-def neighbors(adata, *, n_neighbors: int = 15, n_pcs: int | None = None, seed: int = 0) -> None:
+def neighbors(adata, *, n_neighbors: int = 10, n_pcs: int | None = None, seed: int = 0) -> None:
     """kNN graph on ``X_pca`` (``obsp["distances"|"connectivities"]``)."""
     import scanpy as sc
 
@@ -106,9 +106,9 @@ def tsne(adata, *, perplexity: float = 30.0, n_pcs: int | None = None, seed: int
 def embed(
     adata,
     *,
-    n_pcs: int = 50,
+    n_pcs: int = 40,
     scale: bool = True,
-    n_neighbors: int = 15,
+    n_neighbors: int = 10,
     umap_min_dist: float = 0.5,
     tsne_perplexity: float = 30.0,
     seed: int = 0,

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cellatlas import tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT):
+        monkeypatch.delenv(var, raising=False)
+    parent = tracking.start_parent(uri=uri, experiment="t", config={"a": {"b": [1, 2]}}, workdir=tmp_path)
+    # start_parent exported these into os.environ for the jobs; let monkeypatch undo them
+    for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT):
+        monkeypatch.setenv(var, __import__("os").environ[var])
+    return uri, parent, MlflowClient(uri)
+
+
+def test_flatten():
+    assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+
+
+def test_child_run_finished_with_record(store, tmp_path):
+    uri, parent, client = store
+    record = tmp_path / "rec" / "run.json"
+    with tracking.stage_run("qc", "d1", params={"qc": {"mode": "mad"}}, record=record) as run:
+        run.log_metrics({"cells_kept": 10, "ok": True, "nan": float("nan")})
+    rec = json.loads(record.read_text())
+    r = client.get_run(rec["run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["mlflow.parentRunId"] == parent
+    assert r.data.tags["cellatlas.stage"] == "qc" and r.data.tags["cellatlas.dataset"] == "d1"
+    assert r.data.tags["cellatlas.config_hash"] == tracking.config_hash({"a": {"b": [1, 2]}})
+    assert r.data.params == {"qc.mode": "mad"} and r.data.metrics == {"cells_kept": 10.0}
+    assert rec["metrics"] == {"cells_kept": 10.0} and rec["parent_run_id"] == parent
+    tracking.end_parent("FINISHED")
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_failure_marks_run_failed_and_writes_no_record(store, tmp_path):
+    uri, parent, client = store
+    record = tmp_path / "run.json"
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("embed", "d1", params={}, record=record):
+            raise RuntimeError("boom")
+    assert not record.exists()
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id], "tags.`cellatlas.stage` = 'embed'")
+    assert run.info.status == "FAILED" and run.data.tags["cellatlas.status"] == "failed"
+    local = client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
+    assert "RuntimeError: boom" in open(local).read()
+
+
+def test_sigterm_marks_run_killed(store, tmp_path):
+    import os
+    import signal
+
+    uri, parent, client = store
+    with pytest.raises(SystemExit):
+        with tracking.stage_run("cluster", "d1", params={}, record=tmp_path / "r.json"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id], "tags.`cellatlas.stage` = 'cluster'")
+    assert run.info.status == "KILLED"
