@@ -54,3 +54,13 @@ def test_lognorm_input_skips_count_based_qc(canonical):
     assert list(res.thresholds["metric"]) == ["n_genes_by_counts"]
     assert res.adata.n_obs == 600 and "doublet_score" not in res.adata.obs
     assert "need counts" in res.summary["skipped"]
+
+
+def test_small_doublet_groups_are_left_unscored(canonical):
+    from cellatlas.qc import score_doublets
+
+    a = canonical.copy()
+    a.obs[keys.DONOR] = pd.Categorical(["small"] * 40 + ["big"] * (a.n_obs - 40))
+    assert score_doublets(a, group=keys.DONOR) == 40
+    assert a.obs["doublet_score"][:40].isna().all() and a.obs["doublet_score"][40:].notna().all()
+    assert not a.obs["predicted_doublet"][:40].any()

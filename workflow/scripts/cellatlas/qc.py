@@ -81,6 +81,37 @@ def _or(value, default):
     return default if value is None else value
 
 
+#: Scrublet needs enough cells for its PCA and kNN; smaller groups are left unscored
+MIN_CELLS_DOUBLETS = 100
+
+
+def score_doublets(adata, *, group: str | None, seed: int = 0) -> int:
+    """Scrublet per group; adds ``obs["doublet_score"]`` (NaN where unscored) and ``predicted_doublet``.
+
+    Returns the number of cells left unscored because their group had fewer than
+    :data:`MIN_CELLS_DOUBLETS` cells.
+    """
+    import scanpy as sc
+
+    scores = np.full(adata.n_obs, np.nan)
+    predicted = np.zeros(adata.n_obs, dtype=bool)
+    codes = adata.obs[group].astype(str).to_numpy() if group else np.zeros(adata.n_obs, dtype=int)
+    skipped = 0
+    for value in pd.unique(codes):
+        idx = np.flatnonzero(codes == value)
+        if len(idx) < MIN_CELLS_DOUBLETS:
+            skipped += len(idx)
+            log.warning("doublets: group %s=%s has %d cells, left unscored", group, value, len(idx))
+            continue
+        sub = adata[idx].copy()
+        sc.pp.scrublet(sub, random_state=seed, verbose=False)
+        scores[idx] = sub.obs["doublet_score"].to_numpy()
+        predicted[idx] = sub.obs["predicted_doublet"].to_numpy(dtype=bool)
+    adata.obs["doublet_score"] = scores
+    adata.obs["predicted_doublet"] = predicted
+    return skipped
+
+
 @dataclass
 class QCResult:
     adata: Any  #: the filtered AnnData
@@ -143,8 +174,12 @@ def run_qc(
     if not counts:
         summary["skipped"] = "input is log-normalized: total-count, mitochondrial and doublet QC need counts"
     if doublets and counts:
-        batch_key = keys.BATCH if keys.BATCH in adata.obs else None
-        sc.pp.scrublet(adata, batch_key=batch_key, random_state=seed, verbose=False)
+        # Doublets form inside one capture, so score each sample (donor, else batch) on its own:
+        # also what keeps Scrublet tractable (measured: 50,000 cells in one group took 437 s, 10 GiB).
+        group = next((k for k in (keys.DONOR, keys.BATCH) if k in adata.obs and adata.obs[k].nunique() > 1), None)
+        skipped = score_doublets(adata, group=group, seed=seed)
+        summary["doublet_groups"] = group or ""
+        summary["doublet_cells_unscored"] = skipped
         predicted = adata.obs["predicted_doublet"].to_numpy(dtype=bool)
         summary["doublets_predicted"] = int(predicted.sum())
         summary["doublet_rate"] = float(predicted.mean())
