@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-
 from cellatlas import keys
 from cellatlas.errors import InputDataError
 
