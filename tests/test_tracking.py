@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,7 +15,7 @@ def store(tmp_path, monkeypatch):
     parent = tracking.start_parent(uri=uri, experiment="t", config={"a": {"b": [1, 2]}}, workdir=tmp_path)
     # start_parent exported these into os.environ for the jobs; let monkeypatch undo them
     for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT):
-        monkeypatch.setenv(var, __import__("os").environ[var])
+        monkeypatch.setenv(var, os.environ[var])
     return uri, parent, MlflowClient(uri)
 
 
@@ -53,7 +54,6 @@ def test_failure_marks_run_failed_and_writes_no_record(store, tmp_path):
 
 
 def test_sigterm_marks_run_killed(store, tmp_path):
-    import os
     import signal
 
     uri, parent, client = store

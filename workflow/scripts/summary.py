@@ -4,7 +4,8 @@ from cellatlas.runner import run_stage
 
 
 def body(smk, run):
-    from cellatlas.report import log_to_parent, summarize
+    from cellatlas.report import summarize
+    from cellatlas.tracking import log_to_parent
 
     table = summarize(smk.input.records)
     table.to_csv(smk.output.table, sep="\t", index=False)

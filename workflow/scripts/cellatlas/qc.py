@@ -142,7 +142,6 @@ def run_qc(
     ``total_counts``, ``n_genes_by_counts``, ``pct_counts_mt``, ``pct_counts_ribo`` and, with
     counts, ``doublet_score``/``predicted_doublet``; ``uns["cellatlas"]["qc"]`` records params and summary.
     """
-    import scanpy as sc
 
     fixed = fixed or {}
     counts = adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS

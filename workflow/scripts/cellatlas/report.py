@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,11 +48,3 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
             table[col] = values.astype("Int64")
     return table
 
-
-def log_to_parent(path: str | Path) -> None:
-    """Attach a file to the invocation's parent run, where the comparison belongs."""
-    from cellatlas.tracking import ENV_PARENT, ENV_URI, _client
-
-    parent = os.environ.get(ENV_PARENT)
-    if parent and os.environ.get(ENV_URI):
-        _client(os.environ[ENV_URI]).log_artifact(parent, str(path))

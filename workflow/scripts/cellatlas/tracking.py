@@ -136,6 +136,13 @@ def end_parent(status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
 
 
+def log_to_parent(path: str | Path) -> None:
+    """Attach a file to the invocation's parent run (the cross-dataset comparison belongs there)."""
+    parent = os.environ.get(ENV_PARENT)
+    if parent and os.environ.get(ENV_URI):
+        _client(os.environ[ENV_URI]).log_artifact(parent, str(path))
+
+
 class StageRun:
     """Handle on a stage's child run: logs to MLflow and keeps what it logged for the record."""
 
