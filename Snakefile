@@ -1,4 +1,5 @@
-# The cell-atlas pipeline: raw counts -> QC -> normalization -> embeddings -> clusters,
+# The cell-atlas pipeline: raw counts -> QC -> normalization -> embeddings -> clusters, and
+# supervised models with grouped cross-validation,
 # every stage a tracked MLflow child run under one parent run per invocation.
 # Run: snakemake --cores all        Config: config/config.yaml (schema: config/schema/)
 
@@ -22,6 +23,7 @@ include: "workflow/rules/qc.smk"
 include: "workflow/rules/normalize.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/cluster.smk"
+include: "workflow/rules/classify.smk"
 include: "workflow/rules/report.smk"
 
 

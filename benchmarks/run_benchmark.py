@@ -55,7 +55,8 @@ def pipeline(workdir: Path, h5ad: Path, dataset: str, annotated: bool) -> tuple[
     entry = {"source": {"kind": "h5ad", "path": str(h5ad)}}
     if annotated:  # the simulated data carry their annotation, as a user's atlas would
         entry.update(label_key="cell_type", batch_key="batch", donor_key="donor")
-    config = {"datasets": {dataset: entry}}
+    # the chain to clusters only: the supervised models have their own benchmark (classify_benchmark.py)
+    config = {"datasets": {dataset: entry}, "classify": {"tasks": {}}}
     make_workdir(workdir, config)
     t = time.perf_counter()
     r = snakemake(workdir, "--cores", "2")

@@ -26,6 +26,26 @@ def test_defaults_are_filled_in():
     assert cfg["cluster"]["resolutions"] == [0.5, 1.0]
     assert cfg["datasets"]["d1"]["values"] == "counts" and cfg["datasets"]["d1"]["label_key"] is None
     assert cfg["tracking"]["experiment"] == "cellatlas"
+    assert cfg["classify"]["tasks"] is None and cfg["classify"]["split"]["scheme"] == "auto"
+    assert set(cfg["classify"]["classifiers"]) == {"logistic_regression", "linear_svm", "random_forest",
+                                                  "hist_gradient_boosting", "knn"}
+    assert cfg["classify"]["classifiers"]["knn"]["input"] == "pca"
+
+
+def test_classify_tasks_default_to_every_labelled_dataset():
+    from cellatlas.config import classify_tasks
+
+    cfg = validate({"datasets": {
+        "a": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}, "label_key": "bulk_labels"},
+        "b": {"source": {"kind": "scanpy", "name": "krumsiek11"}},
+    }}, SCHEMA)
+    tasks = classify_tasks(cfg)
+    assert list(tasks) == [("a", "label")]
+    spec = tasks[("a", "label")]
+    assert spec["kind"] == "classification" and spec["dir"] == "classify" and len(spec["models"]) == 5
+    cfg["classify"]["tasks"] = {"a": {"t": {"target": "label", "split": {"n_splits": 3}, "models": ["knn"]}}}
+    spec = classify_tasks(cfg)[("a", "t")]
+    assert spec["split"]["n_splits"] == 3 and spec["split"]["scheme"] == "auto" and list(spec["models"]) == ["knn"]
 
 
 @pytest.mark.parametrize(
@@ -40,6 +60,23 @@ def test_defaults_are_filled_in():
         (lambda c: c["datasets"].update(x={"source": {"kind": "h5ad"}}), "config key 'datasets.x.source': 'path' is required"),
         (lambda c: c.update(typo=1), "unknown key(s) ('typo' was unexpected)"),
         (lambda c: c["cluster"].update(marker_resolution=0.7), "'cluster.marker_resolution': 0.7 is not one of"),
+        (lambda c: c["classify"]["tasks"].update(nope={"t": {"target": "label"}}),
+         "config key 'classify.tasks.nope': 'nope' is not a dataset"),
+        (lambda c: c["classify"]["tasks"]["sim"]["cell_type"].update(kind="clustering"),
+         "config key 'classify.tasks.sim.cell_type.kind': 'clustering' is not one of"),
+        (lambda c: c["classify"]["tasks"]["sim"]["cell_type"].update(models=["xgboost"]),
+         "config key 'classify.tasks.sim.cell_type.models': ['xgboost'] not in classify.classifiers"),
+        (lambda c: c["classify"]["classifiers"].update(r={"kind": "ridge"}),
+         "config key 'classify.classifiers.r.kind': ridge does not do classification"),
+        (lambda c: c["classify"]["classifiers"]["knn"]["params"].update(k=3),
+         "config key 'classify.classifiers.knn.params': 'k' is not a parameter of knn"),
+        (lambda c: c["classify"]["regressors"]["ridge"]["params"].update(alpha=-1),
+         "config key 'classify.regressors.ridge.params': The 'alpha' parameter of Ridge must be"),
+        (lambda c: c["classify"]["tasks"]["sim"]["cell_type"].update(split={"scheme": "batches"}),
+         "config key 'classify.tasks.sim.cell_type.split': scheme 'batches' needs train_batches and test_batches"),
+        (lambda c: c["datasets"]["sim"].update(label_key=None),
+         "config key 'classify.tasks.sim.cell_type.target': dataset 'sim' has no label_key, so no obs 'label'"),
+        (lambda c: c["classify"]["split"].update(n_splits=1), "config key 'classify.split.n_splits': 1 is less than the minimum of 2"),
     ],
 )
 def test_bad_config_names_the_key(config, edit, expected):

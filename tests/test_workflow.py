@@ -26,14 +26,27 @@ CONFIG = {
         # above scanpy's 4,096-cell switch to pynndescent for the kNN graph
         "sim5k": {
             "source": {"kind": "simulate", "n_cells": 5200, "n_genes": 1500, "n_types": 5, "n_donors": 4,
-                       "n_batches": 2, "doublet_rate": 0.03, "batch_sd": 0.05, "donor_sd": 0.05, "seed": 7},
+                       "n_batches": 2, "doublet_rate": 0.03, "batch_sd": 0.05, "donor_sd": 0.05, "program_genes": 20,
+                       "seed": 7},
             "label_key": "cell_type",
             "batch_key": "batch",
             "donor_key": "donor",
         },
     },
     "cluster": {"resolutions": [0.5, 1.0], "marker_resolution": 0.5, "marker_method": "t-test"},
+    "classify": {
+        "tasks": {"sim5k": {"cell_type": {"target": "label"}, "program": {"target": "program", "kind": "regression"}}},
+        "features": {"n_genes": 500, "n_pcs": 20},
+        "classifiers": {"logistic_regression": {"kind": "logistic_regression"}, "knn": {"kind": "knn", "input": "pca"}},
+        "regressors": {"ridge": {"kind": "ridge"}},
+    },
 }
+#: the MLflow runs of the supervised jobs, as named by the jobs
+CLASSIFY_RUNS = [
+    "classify_split:sim5k/classify/cell_type", "classify_split:sim5k/regress/program",
+    "classify:sim5k/cell_type/logistic_regression", "classify:sim5k/cell_type/knn", "classify:sim5k/program/ridge",
+    "classify_compare:sim5k/classify/cell_type", "classify_compare:sim5k/regress/program",
+]
 
 
 def _client(workdir):
@@ -95,7 +108,7 @@ def test_mlflow_parent_with_one_finished_child_per_stage(workdir):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(
-        [f"{s}:{d}" for s in STAGES for d in CONFIG["datasets"]] + ["summary"]
+        [f"{s}:{d}" for s in STAGES for d in CONFIG["datasets"]] + ["summary"] + CLASSIFY_RUNS
     )
     assert all(r.info.status == "FINISHED" for r in children)
     for ds in CONFIG["datasets"]:
@@ -106,7 +119,39 @@ def test_mlflow_parent_with_one_finished_child_per_stage(workdir):
         assert run.data.metrics["best_ari"] == pytest.approx(rec["metrics"]["best_ari"])
         assert {"cellatlas.config_hash", "cellatlas.git_commit"} <= set(run.data.tags)
     artifacts = {a.path for a in _client(workdir).list_artifacts(parents[0].info.run_id)}
-    assert {"config.json", "summary.tsv"} <= artifacts
+    assert {"config.json", "summary.tsv", "models.tsv"} <= artifacts
+    per_task = {a.path for a in _client(workdir).list_artifacts(parents[0].info.run_id, "models/sim5k/cell_type")}
+    assert per_task == {"models/sim5k/cell_type/models.tsv"}
+
+
+def test_classify_models_are_evaluated_compared_and_logged(workdir):
+    import mlflow
+    import mlflow.pyfunc
+
+    models = pd.read_csv(workdir / "results" / "models.tsv", sep="\t")
+    cls = models[models.task == "cell_type"].set_index("model")
+    assert set(cls.index) == {"logistic_regression", "knn"} and set(cls["split"]) == {"grouped"}
+    assert set(cls["group_key"]) == {"donor"} and (cls["n_folds"] == 4).all()  # 4 donors: 4 folds, not 5
+    assert cls.loc["logistic_regression", "macro_f1_mean"] > 0.9
+    assert cls["macro_f1_sd"].notna().all() and cls["conclusion"].str.contains("macro_f1").all()
+    reg = models[models.task == "program"].set_index("model")
+    assert reg.loc["ridge", "kind"] == "regression" and reg.loc["ridge", "r2_mean"] > 0.3
+    base = workdir / "results" / "sim5k" / "classify" / "cell_type" / "models" / "logistic_regression"
+    for name in ("folds.tsv", "per_class.tsv", "confusion.tsv", "importance.tsv", "predictions.tsv.gz", "model.joblib"):
+        assert (base / name).stat().st_size > 0
+    assert (workdir / "results" / "sim5k" / "regress" / "program" / "models" / "ridge" / "predicted.png").exists()
+    rec = json.loads((base / "run.json").read_text())
+    run = _client(workdir).get_run(rec["run_id"])
+    assert run.data.tags["cellatlas.split"] == "grouped" and run.data.tags["cellatlas.model"] == "logistic_regression"
+    history = _client(workdir).get_metric_history(rec["run_id"], "fold_macro_f1")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    # the MLflow model and the declared model file are the same final model
+    import joblib
+
+    cells = ad.read_h5ad(workdir / "results" / "sim5k" / "normalize.h5ad")[:3].X.toarray()
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    logged = mlflow.pyfunc.load_model(run.data.tags["cellatlas.model_uri"]).predict(cells)
+    assert list(logged) == list(joblib.load(base / "model.joblib").predict(cells))
 
 
 def test_reruns_only_what_changed(workdir):
@@ -119,6 +164,13 @@ def test_reruns_only_what_changed(workdir):
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
         assert _jobs(r.stdout) == {"cluster", "summary", "all"}
+        changed = json.loads(json.dumps(CONFIG))
+        changed["classify"]["classifiers"]["knn"]["params"] = {"n_neighbors": 7}
+        write_config(workdir, changed)
+        r = snakemake(workdir, "--cores", "2", "--dry-run")
+        assert r.returncode == 0, r.stderr
+        assert _jobs(r.stdout) == {"classify_model", "classify_compare", "summary", "all"}
+        assert "model=knn" in r.stdout and "model=logistic_regression" not in r.stdout
     finally:
         write_config(workdir, CONFIG)
 
@@ -182,6 +234,32 @@ def test_bad_input_fails_cleanly(tmp_path, kind, expected):
     assert all(r.info.status != "RUNNING" for r in runs.values())
 
 
+def test_bad_classify_targets_fail_cleanly(tmp_path):
+    """One class, a non-numeric regression target: one line each, failed runs, no partial outputs."""
+    cfg = {
+        "datasets": {"one": {"source": {"kind": "simulate", "n_cells": 300, "n_genes": 300, "n_types": 1,
+                                        "n_donors": 2, "n_batches": 2, "seed": 0},
+                             "label_key": "cell_type", "batch_key": "batch"}},
+        "qc": {"doublets": False},
+        "classify": {"tasks": {"one": {"celltype": {"target": "label"},
+                                       "batch_size": {"target": "batch", "kind": "regression"}}},
+                     "classifiers": {"knn": {"kind": "knn"}}, "regressors": {"ridge": {"kind": "ridge"}}},
+    }
+    w = make_workdir(tmp_path / "w", cfg)
+    r = snakemake(w, "--cores", "2", "--keep-going")
+    assert r.returncode != 0
+    lines = {line for line in r.stderr.splitlines() if line.startswith("cellatlas error")}
+    assert "cellatlas error in stage classify_split: dataset 'one', task 'celltype': target 'label' has 1 class " \
+           "with enough cells ('type_0'); at least 2 are needed" in lines, r.stderr[-3000:]
+    assert any(line.startswith("cellatlas error in stage classify_split: dataset 'one', task 'batch_size': "
+                               "regression target 'batch' is not numeric") for line in lines), lines
+    for kind, task in (("classify", "celltype"), ("regress", "batch_size")):
+        assert not (w / "results" / "one" / kind / task / "folds.tsv.gz").exists()
+    runs = {r.info.run_name: r for r in _runs(w)}
+    assert runs["classify_split:one/classify/celltype"].info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs.values())
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "pbmc3k").is_dir(), reason="../shared/data/pbmc3k is not present")
 def test_pbmc3k_clusters_match_published_annotation(tmp_path):
     """Both Cell Ranger folder and h5ad read; Leiden reaches ARI >= 0.70 against celltype_seurat."""
@@ -192,6 +270,11 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
             "pbmc3k_mtx": {"source": {"kind": "10x_mtx", "path": str(SHARED_DATA / "pbmc3k" / "filtered_feature_bc_matrix")}},
         },
         "cluster": {"marker_method": "t-test"},
+        # the tutorials' own QC, under which the annotation was made; MAD bounds would trim a
+        # further 9% of these already-filtered cells (11 of 14 platelets among them)
+        "qc": {"mode": "fixed", "fixed": {"min_genes": 200, "max_genes": 2500, "max_pct_mt": 5}},
+        # every default classifier, 5-fold (no donors: stratified)
+        "classify": {"tasks": {"pbmc3k": {"celltype": {"target": "label"}}}},
     }
     w = make_workdir(tmp_path / "w", cfg)
     r = snakemake(w, "--cores", "2")
@@ -203,3 +286,10 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
     truth = labels.reindex(mtx.obs_names).astype(str)
     best = max(adjusted_rand_score(truth, mtx.obs[c].astype(str)) for c in ("leiden_r0.5", "leiden_r1"))
     assert best >= 0.70
+    models = pd.read_csv(w / "results" / "models.tsv", sep="\t").set_index("model")
+    assert set(models.index) == {"logistic_regression", "linear_svm", "random_forest", "hist_gradient_boosting", "knn"}
+    assert set(models["split"]) == {"stratified"} and (models["n_folds"] == 5).all()
+    assert models.loc["logistic_regression", "macro_f1_mean"] >= 0.88, models["macro_f1_mean"]
+    assert models["macro_f1_sd"].gt(0).all() and models["conclusion"].nunique() == 1
+    pairwise = pd.read_csv(w / "results" / "pbmc3k" / "classify" / "celltype" / "comparison" / "pairwise.tsv", sep="\t")
+    assert len(pairwise) == 10 and pairwise["p_holm"].notna().all()

@@ -49,11 +49,51 @@ def get_download_params(wildcards):
     return {"url": source["url"], "sha256": source["sha256"]}
 
 
+def get_tasks():
+    """Supervised tasks resolved from the config: {(dataset, task): spec} (see cellatlas.config)."""
+    from cellatlas.config import classify_tasks
+
+    return classify_tasks(config)
+
+
+def get_task(wildcards):
+    spec = get_tasks().get((wildcards.dataset, wildcards.task))
+    kind = wildcards.get("kind", spec["dir"] if spec else None)
+    if spec is None or spec["dir"] != kind:
+        raise WorkflowError(f"dataset '{wildcards.dataset}': no {kind} task '{wildcards.task}' in classify.tasks")
+    return spec
+
+
+def get_task_params(wildcards):
+    spec = get_task(wildcards)
+    return {"target": spec["target"], "kind": spec["kind"], "split": spec["split"]}
+
+
+def get_model_params(wildcards):
+    models = get_task(wildcards)["models"]
+    if wildcards.model not in models:
+        raise WorkflowError(f"dataset '{wildcards.dataset}', task '{wildcards.task}': no model '{wildcards.model}'")
+    return models[wildcards.model]
+
+
+def get_task_model_names(wildcards):
+    return sorted(get_task(wildcards)["models"])
+
+
+def get_task_model_folds(wildcards):
+    base = f"results/{wildcards.dataset}/{wildcards.kind}/{wildcards.task}/models"
+    return [f"{base}/{m}/folds.tsv" for m in get_task_model_names(wildcards)]
+
+
+def get_comparisons():
+    return [f"results/{ds}/{spec['dir']}/{task}/comparison/models.tsv" for (ds, task), spec in get_tasks().items()]
+
+
 def get_final_outputs():
-    outputs = ["results/summary.tsv"]
+    outputs = ["results/summary.tsv", "results/models.tsv"]
     for ds in config["datasets"]:
         outputs += [f"results/{ds}/{stage}/run.json" for stage in STAGE_FILES]
-    return outputs
+    return outputs + get_comparisons()
 
 
 def get_tracking_uri():

@@ -64,6 +64,8 @@ def validate(config: dict[str, Any], schema: Mapping[str, Any] | str | Path) -> 
 
 def _check_cross_fields(config: dict[str, Any]) -> None:
     """Rules a JSON schema cannot express."""
+    if "classify" in config:
+        classify_tasks(config)
     cl = config.get("cluster", {})
     if "marker_resolution" in cl and cl["marker_resolution"] not in cl.get("resolutions", []):
         raise ConfigError(
@@ -72,3 +74,74 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
         )
     if len(set(cl.get("resolutions", []))) != len(cl.get("resolutions", [])):
         raise ConfigError(f"config key 'cluster.resolutions': duplicate values in {cl['resolutions']}")
+
+
+#: the canonical obs column each dataset key fills (a task's target may name it)
+_CANONICAL = {"label": "label_key", "batch": "batch_key", "donor": "donor_key"}
+
+
+def classify_tasks(config: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every supervised task, resolved: ``{(dataset, task): spec}``.
+
+    ``spec`` holds ``target``, ``kind``, ``split`` (the global split with the task's overrides),
+    ``models`` (name -> model entry of the task's kind) and ``dir`` (``classify`` or
+    ``regress``, the results folder). With ``classify.tasks: null`` every dataset with a
+    ``label_key`` gets the classification task ``label``.
+
+    Raises
+    ------
+    ConfigError
+        A task on an unknown dataset, a target the dataset cannot have, a model kind that does
+        not do the task, an estimator parameter scikit-learn does not know, a ``batches`` split
+        without its batches.
+    """
+    from cellatlas import keys
+
+    cl = config.get("classify", {})
+    datasets = config.get("datasets", {})
+    tasks = cl.get("tasks")
+    if tasks is None:
+        tasks = {ds: {"label": {"target": "label"}} for ds, entry in datasets.items() if entry.get("label_key")}
+    for group in ("classifiers", "regressors"):
+        kind = keys.CLASSIFICATION if group == "classifiers" else keys.REGRESSION
+        for name, model in cl.get(group, {}).items():
+            _check_model(f"classify.{group}.{name}", model, kind)
+    out = {}
+    for ds, entries in tasks.items():
+        if ds not in datasets:
+            raise ConfigError(f"config key 'classify.tasks.{ds}': '{ds}' is not a dataset (datasets: {sorted(datasets)})")
+        for name, task in entries.items():
+            where = f"classify.tasks.{ds}.{name}"
+            kind = task.get("kind", keys.CLASSIFICATION)
+            target = task["target"]
+            if target in _CANONICAL and not datasets[ds].get(_CANONICAL[target]):
+                raise ConfigError(f"config key '{where}.target': dataset '{ds}' has no {_CANONICAL[target]}, so no obs '{target}'")
+            split = {**cl.get("split", {}), **task.get("split", {})}
+            if split.get("scheme") == "batches" and not (split.get("train_batches") and split.get("test_batches")):
+                raise ConfigError(f"config key '{where}.split': scheme 'batches' needs train_batches and test_batches")
+            group = "classifiers" if kind == keys.CLASSIFICATION else "regressors"
+            available = cl.get(group, {})
+            chosen = task.get("models") or list(available)
+            unknown = [m for m in chosen if m not in available]
+            if unknown:
+                raise ConfigError(f"config key '{where}.models': {unknown} not in classify.{group} ({sorted(available)})")
+            out[(ds, name)] = {
+                "target": target,
+                "kind": kind,
+                "split": split,
+                "models": {m: available[m] for m in chosen},
+                "dir": keys.TASK_DIRS[kind],
+            }
+    return out
+
+
+def _check_model(where: str, model: dict[str, Any], kind: str) -> None:
+    from cellatlas.classify.models import check_params, kinds_for
+
+    if model["kind"] not in kinds_for(kind):
+        raise ConfigError(f"config key '{where}.kind': {model['kind']} does not do {kind} (kinds: {kinds_for(kind)})")
+    try:
+        check_params(model["kind"], kind, model.get("params"))
+    except Exception as e:  # scikit-learn's own message, on one line
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"config key '{where}.params': {msg}") from None

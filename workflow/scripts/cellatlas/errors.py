@@ -18,3 +18,13 @@ class InputDataError(CellAtlasError):
         self.dataset = dataset
         self.path = path
         self.problem = problem
+
+
+class TaskError(CellAtlasError):
+    """A supervised task (dataset x target) cannot be evaluated as configured."""
+
+    def __init__(self, dataset: str, task: str, problem: str):
+        super().__init__(f"dataset '{dataset}', task '{task}': {problem}")
+        self.dataset = dataset
+        self.task = task
+        self.problem = problem

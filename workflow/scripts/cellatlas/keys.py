@@ -18,3 +18,16 @@ STAGES = ("ingest", "qc", "normalize", "embed", "cluster")
 
 def leiden_key(resolution: float) -> str:
     return f"leiden_r{resolution:g}"
+
+# supervised tasks (classify stage): kinds, metric names, and the metric models are compared on
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+TASK_DIRS = {CLASSIFICATION: "classify", REGRESSION: "regress"}
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+REGRESSION_METRICS = ("r2", "mse", "mae")
+PRIMARY_METRIC = {CLASSIFICATION: "macro_f1", REGRESSION: "r2"}
+#: the split schemes; "auto" resolves to grouped (by donor) when the dataset has donors, else stratified
+SPLIT_SCHEMES = ("auto", "stratified", "grouped", "leave_one_batch_out", "batches")
+#: test_fold of cells used only for training (batches scheme) and of cells left out of the task
+TRAIN_ONLY = -1
+EXCLUDED = -2

@@ -113,3 +113,56 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], path: str, *, ba
 def annotation_colors(obs: pd.DataFrame) -> dict[str, pd.Series]:
     """The standard annotations a dataset carries (label, batch, donor), for colouring."""
     return {k: obs[k] for k in ("label", "batch", "donor") if k in obs}
+
+
+def confusion(table: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """Confusion matrix normalized per true class (each row sums to 1), counts written in cells."""
+    counts = table.to_numpy(dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n + 1.5, 1.2 + 0.5 * n + 1))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), [str(c) for c in table.columns], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), [str(c) for c in table.index], fontsize=8)
+    ax.set_xlabel("predicted (out of fold)")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, label="fraction of true class", shrink=0.8)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def predicted_vs_measured(measured: np.ndarray, predicted: np.ndarray, path: str, *, title: str = "") -> None:
+    """Out-of-fold predictions against the measured target, with the identity line."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(measured, predicted, s=max(0.5, min(8.0, 20000.0 / max(len(measured), 1))), alpha=0.5, rasterized=True)
+    lo = float(np.nanmin([np.nanmin(measured), np.nanmin(predicted)]))
+    hi = float(np.nanmax([np.nanmax(measured), np.nanmax(predicted)]))
+    ax.plot([lo, hi], [lo, hi], color="#C44E52", lw=1)
+    ax.set_xlabel("measured")
+    ax.set_ylabel("predicted (out of fold)")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def fold_scores(fold_tables: dict[str, pd.DataFrame], metric: str, path: str, *, title: str = "") -> None:
+    """Each model's score per fold (points, one line per fold across models) and its mean."""
+    models = sorted(fold_tables, key=lambda m: -fold_tables[m][metric].mean())
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(models), 4))
+    folds = sorted(next(iter(fold_tables.values()))["fold"])
+    for k in folds:
+        ys = [float(fold_tables[m].set_index("fold").loc[k, metric]) for m in models]
+        ax.plot(range(len(models)), ys, color="0.75", lw=0.8, zorder=1)
+    for i, m in enumerate(models):
+        ax.scatter([i] * len(fold_tables[m]), fold_tables[m][metric], s=14, zorder=2, color="#4C72B0")
+        ax.plot([i - 0.25, i + 0.25], [fold_tables[m][metric].mean()] * 2, color="#C44E52", lw=2, zorder=3)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} per fold")
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -48,3 +48,11 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
             table[col] = values.astype("Int64")
     return table
 
+
+
+def summarize_models(tables: Iterable[str | Path]) -> pd.DataFrame:
+    """Every task's model comparison in one table (dataset, task, split, model, scores, rank, test)."""
+    frames = [pd.read_csv(p, sep="\t") for p in tables]
+    if not frames:
+        return pd.DataFrame(columns=["dataset", "task", "kind", "split", "model", "rank"])
+    return pd.concat(frames, ignore_index=True).sort_values(["dataset", "task", "rank"]).reset_index(drop=True)

@@ -53,10 +53,14 @@ def run_stage(smk, stage: str, body: Callable[[Any, Any], None]) -> None:
     enable_cache(os.path.join(os.getcwd(), ".snakemake", "numba-cache"))
     from cellatlas.tracking import stage_run
 
-    dataset = smk.wildcards.get("dataset") if hasattr(smk.wildcards, "get") else None
-    logging.getLogger("cellatlas").info("stage %s, dataset %s, threads %s", stage, dataset, smk.threads)
+    wildcards = dict(smk.wildcards.items())
+    dataset = wildcards.pop("dataset", None)
+    # further wildcards (task, model) name the run and tag it: classify:sim/label/knn
+    name = f"{stage}:" + "/".join([dataset or "", *wildcards.values()]).strip("/") if dataset else stage
+    tags = {f"cellatlas.{k}": str(v) for k, v in wildcards.items()}
+    logging.getLogger("cellatlas").info("stage %s, dataset %s, %s, threads %s", stage, dataset, wildcards, smk.threads)
     try:
-        with stage_run(stage, dataset, params=params_of(smk), record=smk.output.run) as run:
+        with stage_run(stage, dataset, params=params_of(smk), record=smk.output.run, name=name, tags=tags) as run:
             body(smk, run)
     except CellAtlasError as e:
         msg = f"cellatlas error in stage {stage}: {e}"

@@ -6,6 +6,10 @@ described by), with the structure real atlases have and tests need:
 * cell types differ through a set of marker genes with log-fold changes;
 * every donor shifts each gene's mean a little (donor effect, so grouped splits matter);
 * every batch shifts gene means and library sizes (batch effect, so batch-aware HVG matters);
+* optionally, every donor has its own version of each type (``donor_type_sd``): what a model
+  can memorize when one donor's cells sit on both sides of a train/test split;
+* optionally, a continuous gene program (``program_genes``) whose activity per cell is
+  recorded in ``obs["program"]`` with measurement noise: a quantity to regress on;
 * library sizes vary log-normally, a few genes are mitochondrial (``MT-``) or ribosomal
   (``RPS``/``RPL``), and an optional fraction of cells are doublets (sum of two cells).
 
@@ -44,6 +48,12 @@ class SimulationParams:
     doublet_rate: float = 0.0
     n_mito: int = 13
     n_ribo: int = 20
+    #: sd of the per-donor, per-type, per-gene log-mean shift (0: donors share each type's profile)
+    donor_type_sd: float = 0.0
+    #: genes of a continuous program; its per-cell activity (0..1, plus noise) is ``obs["program"]``
+    program_genes: int = 0
+    #: log-fold change of a program gene at full activity
+    program_lfc: float = 1.5
 
 
 def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndata.AnnData":  # noqa: F821
@@ -52,7 +62,8 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     Returns
     -------
     AnnData with CSR float32 counts in ``X`` and ``obs`` columns ``cell_type``, ``donor``,
-    ``batch`` and ``is_doublet`` (ground truth); ``uns["simulation"]`` holds the parameters.
+    ``batch`` and ``is_doublet`` (ground truth), plus ``program`` when ``program_genes > 0``;
+    ``uns["simulation"]`` holds the parameters.
     """
     import anndata as ad
 
@@ -87,8 +98,12 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     batch = donor % p.n_batches
     size = p.library_size * batch_depth[batch] * np.exp(rng.normal(0.0, 0.35, p.n_cells))
 
-    def means(types: np.ndarray, donors: np.ndarray, batches: np.ndarray, sizes: np.ndarray):
+    def means(types: np.ndarray, donors: np.ndarray, batches: np.ndarray, sizes: np.ndarray, act: np.ndarray):
         logit = log_base + type_lfc[types] + donor_lfc[donors] + batch_lfc[batches]
+        if donor_type_lfc is not None:
+            logit = logit + donor_type_lfc[donors, types]
+        if p.program_genes:
+            logit[:, program_idx] += p.program_lfc * act[:, None]
         rel = np.exp(logit - logit.max(axis=1, keepdims=True))
         rel /= rel.sum(axis=1, keepdims=True)
         return rel * sizes[:, None]
@@ -98,14 +113,24 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     is_doublet[rng.choice(p.n_cells, n_doublets, replace=False)] = True
     partner_type = rng.choice(p.n_types, p.n_cells, p=type_freq)
 
+    # optional structure draws from its own stream, so the defaults reproduce earlier data exactly
+    extra = np.random.default_rng([p.seed, 1])
+    donor_type_lfc = (
+        extra.normal(0.0, p.donor_type_sd, (p.n_donors, p.n_types, p.n_genes)).astype(np.float32)
+        if p.donor_type_sd > 0
+        else None
+    )
+    program_idx = np.sort(extra.choice(np.arange(n_special, p.n_genes), p.program_genes, replace=False))
+    activity = extra.uniform(0.0, 1.0, p.n_cells)
+
     chunks = []
     chunk = max(1, 2_000_000 // p.n_genes)
     for start in range(0, p.n_cells, chunk):
         sl = slice(start, min(start + chunk, p.n_cells))
-        mu = means(cell_type[sl], donor[sl], batch[sl], size[sl])
+        mu = means(cell_type[sl], donor[sl], batch[sl], size[sl], activity[sl])
         dbl = is_doublet[sl]
         if dbl.any():
-            mu[dbl] += means(partner_type[sl][dbl], donor[sl][dbl], batch[sl][dbl], size[sl][dbl])
+            mu[dbl] += means(partner_type[sl][dbl], donor[sl][dbl], batch[sl][dbl], size[sl][dbl], activity[sl][dbl])
         lam = rng.gamma(p.theta, mu / p.theta)
         chunks.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
     X = sp.vstack(chunks, format="csr")
@@ -119,6 +144,9 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
         },
         index=pd.Index([f"cell{i:07d}" for i in range(p.n_cells)]),
     )
+    if p.program_genes:
+        # the measured quantity: activity plus assay noise (what a protein or viability readout gives)
+        obs["program"] = (activity + extra.normal(0.0, 0.05, p.n_cells)).astype(np.float32)
     var = pd.DataFrame(index=pd.Index(gene_names))
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.uns["simulation"] = {k: v for k, v in p.__dict__.items()}
@@ -132,5 +160,7 @@ def _check(p: SimulationParams) -> None:
         raise ValueError("n_cells, n_types, n_donors and n_batches must be positive")
     if p.n_batches > p.n_donors:
         raise ValueError("n_batches cannot exceed n_donors (donors are nested in batches)")
+    if not 0 <= p.program_genes <= p.n_genes - p.n_mito - p.n_ribo:
+        raise ValueError("program_genes must be between 0 and the number of ordinary genes")
     if not 0.0 <= p.doublet_rate < 0.5:
         raise ValueError("doublet_rate must be in [0, 0.5)")

@@ -136,19 +136,20 @@ def end_parent(status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
 
 
-def log_to_parent(path: str | Path) -> None:
+def log_to_parent(path: str | Path, artifact_path: str | None = None) -> None:
     """Attach a file to the invocation's parent run (the cross-dataset comparison belongs there)."""
     parent = os.environ.get(ENV_PARENT)
     if parent and os.environ.get(ENV_URI):
-        _client(os.environ[ENV_URI]).log_artifact(parent, str(path))
+        _client(os.environ[ENV_URI]).log_artifact(parent, str(path), artifact_path)
 
 
 class StageRun:
     """Handle on a stage's child run: logs to MLflow and keeps what it logged for the record."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, uri: str | None = None):
         self.client = client
         self.run_id = run_id
+        self.uri = uri
         self.metrics: dict[str, float] = {}
         self.params: dict[str, str] = {}
         self.artifacts: list[str] = []
@@ -181,10 +182,48 @@ class StageRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
         self.artifacts.append(Path(path).name)
 
+    def log_sklearn_model(self, model, *, input_example, output_example, code_paths=(), name: str = "model") -> str:
+        """Log a fitted scikit-learn model as an MLflow model of this run (signature + input example).
+
+        Requirements are the installed pins (no slow inference), and ``code_paths`` ships our own
+        transformers so the model loads where this package is not installed. The format is
+        cloudpickle: MLflow's skops default refuses every type it does not know (our transformers,
+        even scikit-learn's own trees) unless each is listed as trusted, which would trust them all
+        anyway. Load models only from stores you trust. Returns the model URI.
+        """
+        from importlib.metadata import version
+
+        import mlflow
+        import mlflow.sklearn
+        from mlflow.models import infer_signature
+
+        if self.uri:
+            mlflow.set_tracking_uri(self.uri)
+        pins = [f"{p}=={version(p)}" for p in ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle")]
+        info = mlflow.sklearn.log_model(
+            model,
+            name=name,
+            run_id=self.run_id,
+            signature=infer_signature(input_example, output_example),
+            input_example=input_example,
+            code_paths=[str(p) for p in code_paths],
+            pip_requirements=pins,
+            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+        )
+        self.artifacts.append(name)
+        return info.model_uri
+
 
 @contextmanager
 def stage_run(
-    stage: str, dataset: str | None, *, params: Mapping[str, Any], record: str | Path, workdir: str | Path = "."
+    stage: str,
+    dataset: str | None,
+    *,
+    params: Mapping[str, Any],
+    record: str | Path,
+    workdir: str | Path = ".",
+    name: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> Iterator[StageRun]:
     """A child run of the invocation's parent for one stage job.
 
@@ -197,14 +236,14 @@ def stage_run(
     parent = os.environ.get(ENV_PARENT)
     client = _client(uri)
     exp_id = _experiment_id(client, experiment, uri)
-    tags = {**common_tags(), TAG_STAGE: stage, TAG_STATUS: "running", "cellatlas.kind": "stage"}
+    run_tags = {**common_tags(), **(tags or {}), TAG_STAGE: stage, TAG_STATUS: "running", "cellatlas.kind": "stage"}
     if dataset:
-        tags[TAG_DATASET] = dataset
+        run_tags[TAG_DATASET] = dataset
     if parent:
-        tags["mlflow.parentRunId"] = parent
-    run_name = f"{stage}:{dataset}" if dataset else stage
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    handle = StageRun(client, run.info.run_id)
+        run_tags["mlflow.parentRunId"] = parent
+    run_name = name or (f"{stage}:{dataset}" if dataset else stage)
+    run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
+    handle = StageRun(client, run.info.run_id, uri)
 
     def _terminate(signum, frame):  # turn SIGTERM into an exception so the run is closed
         raise SystemExit(128 + signum)

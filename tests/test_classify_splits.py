@@ -1,0 +1,148 @@
+"""Split schemes and the target checks of the classify stage."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellatlas import keys
+from cellatlas.classify.splits import Folds, make_folds
+from cellatlas.errors import TaskError
+
+
+@pytest.fixture
+def obs():
+    """600 cells, 3 classes, 6 donors nested in 2 batches."""
+    rng = np.random.default_rng(0)
+    n = 600
+    donor = rng.integers(0, 6, n)
+    return pd.DataFrame(
+        {
+            "label": pd.Categorical(rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])),
+            "donor": pd.Categorical([f"d{d}" for d in donor]),
+            "batch": pd.Categorical([f"b{d % 2}" for d in donor]),
+            "program": rng.normal(size=n),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+
+
+def _folds(obs, **kw):
+    kw.setdefault("target", "label")
+    return make_folds(obs, dataset="ds", task="t", **kw)
+
+
+def test_stratified_puts_every_cell_in_one_test_fold_with_class_balance(obs):
+    f = _folds(obs, scheme="stratified", n_splits=5)
+    assert f.scheme == "stratified" and f.n_splits == 5
+    tests = np.concatenate([test for _, test in f.splits()])
+    assert sorted(tests) == list(range(len(obs)))
+    overall = obs["label"].value_counts(normalize=True)
+    for train, test in f.splits():
+        assert set(train).isdisjoint(test) and len(train) + len(test) == len(obs)
+        share = obs["label"].iloc[test].value_counts(normalize=True)
+        assert np.allclose(share[overall.index], overall, atol=0.03)
+    again = _folds(obs, scheme="stratified", n_splits=5)
+    assert again.table["test_fold"].equals(f.table["test_fold"])
+
+
+def test_grouped_keeps_each_donor_on_one_side_and_is_the_default_with_donors(obs):
+    f = _folds(obs, scheme="auto", n_splits=3)
+    assert f.scheme == "grouped" and f.group_key == "donor"
+    for train, test in f.splits():
+        assert set(obs["donor"].iloc[train]).isdisjoint(obs["donor"].iloc[test])
+    assert _folds(obs.drop(columns="donor"), scheme="auto").scheme == "stratified"
+
+
+def test_leave_one_batch_out_tests_each_batch_once(obs):
+    f = _folds(obs, scheme="leave_one_batch_out")
+    assert f.n_splits == 2
+    tested = [set(obs["batch"].iloc[test]) for _, test in f.splits()]
+    assert sorted(map(sorted, tested)) == [["b0"], ["b1"]]
+
+
+def test_batches_scheme_trains_on_one_technology_and_tests_on_another(obs):
+    obs = obs.copy()
+    obs["batch"] = pd.Categorical([f"b{i % 3}" for i in range(len(obs))])
+    f = _folds(obs, scheme="batches", train_batches=["b0"], test_batches=["b1"])
+    ((train, test),) = f.splits()
+    assert set(obs["batch"].iloc[train]) == {"b0"} and set(obs["batch"].iloc[test]) == {"b1"}
+    assert (f.table.loc[obs["batch"] == "b2", "test_fold"] == keys.EXCLUDED).all()
+    assert sorted(f.training_rows()) == sorted(train)
+    with pytest.raises(TaskError, match=r"split.test_batches \['b9'\] not among the batches"):
+        _folds(obs, scheme="batches", train_batches=["b0"], test_batches=["b9"])
+    with pytest.raises(TaskError, match="in both train_batches and test_batches"):
+        _folds(obs, scheme="batches", train_batches=["b0"], test_batches=["b0", "b1"])
+
+
+def test_regression_folds_and_target_checks(obs):
+    f = _folds(obs, target="program", kind=keys.REGRESSION, scheme="grouped")
+    assert f.kind == keys.REGRESSION and f.classes == []
+    for train, test in f.splits():
+        assert set(obs["donor"].iloc[train]).isdisjoint(obs["donor"].iloc[test])
+    with pytest.raises(TaskError, match=r"dataset 'ds', task 't': regression target 'label' is not numeric \(dtype category"):
+        _folds(obs, target="label", kind=keys.REGRESSION)
+
+
+def test_folds_roundtrip_through_files(obs, tmp_path):
+    obs = obs.copy()
+    obs.loc[obs.index[:5], "label"] = None
+    f = _folds(obs, scheme="grouped", n_splits=3)
+    f.write(tmp_path / "folds.tsv.gz", tmp_path / "task.json")
+    back = Folds.read(tmp_path / "folds.tsv.gz", tmp_path / "task.json")
+    assert back.table["test_fold"].equals(f.table["test_fold"])
+    assert back.classes == f.classes and back.scheme == "grouped" and back.notes == f.notes
+    assert back.table["target"].iloc[:5].isna().all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("one_class", "target 'label' has 1 class with enough cells ('a'); at least 2 are needed"),
+        ("no_column", "target 'cell_type' is not an obs column"),
+        ("numeric", "classification target 'program' is numeric with 600 distinct values; for a measured quantity set kind: regression"),
+        ("all_missing", "target 'label' has no values"),
+        ("one_group", "split 'grouped' needs at least 2 groups in 'donor' (found 1)"),
+        ("one_batch", "split 'leave_one_batch_out' needs at least 2 batches (found 1)"),
+    ],
+)
+def test_bad_targets_are_one_line_errors(obs, change, message):
+    obs = obs.copy()
+    kw = {}
+    if change == "one_class":
+        obs["label"] = "a"
+    if change == "no_column":
+        kw["target"] = "cell_type"
+    if change == "numeric":
+        kw["target"] = "program"
+    if change == "all_missing":
+        obs["label"] = None
+    if change == "one_group":
+        obs["donor"] = "d0"
+        kw["scheme"] = "grouped"
+    if change == "one_batch":
+        obs["batch"] = "b0"
+        kw["scheme"] = "leave_one_batch_out"
+    with pytest.raises(TaskError) as err:
+        _folds(obs, **kw)
+    assert str(err.value).startswith("dataset 'ds', task 't': ")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_documented_fallbacks_are_logged_not_fatal(obs, caplog):
+    obs = obs.copy()
+    obs["label"] = obs["label"].astype(str)
+    obs.iloc[:3, obs.columns.get_loc("label")] = "rare"  # 3 cells < 5 folds
+    obs.iloc[3:10, obs.columns.get_loc("label")] = None
+    f = _folds(obs, scheme="grouped", n_splits=10)  # only 6 donors
+    assert f.n_splits == 6
+    assert "rare" not in f.classes
+    excluded = f.table.loc[f.table["test_fold"] == keys.EXCLUDED, "excluded"]
+    assert (excluded.iloc[:3] == "class with 3 cells").all()
+    assert (excluded.iloc[3:10] == "missing target").all()
+    joined = " | ".join(f.notes)
+    assert "only 6 groups in 'donor': 6 folds instead of 10" in joined
+    assert "class 'rare' has 3 cells (< 6) and is left out" in joined
+    assert "7 cells without a 'label' value" in joined
+    assert "only 6 groups" in caplog.text
+    assert f.summary()["cells_excluded"] == 10
