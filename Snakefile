@@ -18,6 +18,13 @@ include: "workflow/rules/common.smk"
 validate_config(config, "config/schema/config.schema.yaml")
 
 
+# ids are single path components (the schema's id pattern), never "a/b"
+wildcard_constraints:
+    dataset=r"[A-Za-z][A-Za-z0-9_-]*",
+    task=r"[A-Za-z][A-Za-z0-9_-]*",
+    model=r"[A-Za-z][A-Za-z0-9_-]*",
+
+
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/normalize.smk"

@@ -105,6 +105,13 @@ def test_hvg_selector_prefers_overdispersed_genes():
     X = sp.csr_matrix(np.log1p(counts))
     top = np.argsort(-hvg_scores(X))[:10]
     assert set(noisy) <= set(top)
+    dense = hvg_scores(X.toarray())
+    assert np.allclose(hvg_scores(X), dense)
+    from cellatlas.classify import features
+
+    mean, var = features._expm1_mean_var(X)
+    assert np.allclose(mean, np.expm1(X.toarray()).mean(axis=0))
+    assert np.allclose(var, np.expm1(X.toarray()).var(axis=0, ddof=1))
     sel = GeneSelector(method="hvg", n_genes=10).fit(X)
     assert set(noisy) <= set(sel.support_) and len(sel.support_) == 10
     assert sel.transform(X).shape == (400, 10)

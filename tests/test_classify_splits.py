@@ -146,3 +146,27 @@ def test_documented_fallbacks_are_logged_not_fatal(obs, caplog):
     assert "7 cells without a 'label' value" in joined
     assert "only 6 groups" in caplog.text
     assert f.summary()["cells_excluded"] == 10
+
+
+def test_class_with_one_or_two_training_cells_in_a_fold_is_left_out(obs):
+    """Platt scaling and early stopping cannot fit a class with 1-2 training cells; grouped folds can
+    leave exactly that, so such a class is left out (logged) instead of failing the model jobs."""
+    obs = obs.copy()
+    obs["label"] = obs["label"].astype(str)
+    d0 = np.flatnonzero(obs["donor"] == "d0")[:8]
+    d1 = np.flatnonzero(obs["donor"] == "d1")[:2]
+    obs.iloc[np.r_[d0, d1], obs.columns.get_loc("label")] = "rare"
+    f = _folds(obs, scheme="grouped", n_splits=6)
+    assert "rare" not in f.classes
+    assert any("class 'rare' has 2 cells in the training part of fold" in n for n in f.notes)
+    y = f.table["target"].to_numpy()
+    for train, _ in f.splits():
+        counts = pd.Series(y[train]).value_counts()
+        assert (counts >= 3).all()
+
+
+def test_integer_codes_keep_their_spelling_with_missing_values(obs):
+    obs = obs.copy()
+    obs["code"] = np.where(obs["label"] == "a", 1.0, 2.0)
+    obs.iloc[0, obs.columns.get_loc("code")] = np.nan
+    assert _folds(obs, target="code", scheme="stratified").classes == ["1", "2"]

@@ -150,6 +150,9 @@ def test_classify_models_are_evaluated_compared_and_logged(workdir):
 
     cells = ad.read_h5ad(workdir / "results" / "sim5k" / "normalize.h5ad")[:3].X.toarray()
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    logged_model = mlflow.get_logged_model(run.data.tags["cellatlas.model_uri"].split("/")[-1])
+    assert logged_model.experiment_id == run.info.experiment_id and logged_model.source_run_id == rec["run_id"]
+    assert not (workdir / "mlruns").exists()  # everything under results/
     logged = mlflow.pyfunc.load_model(run.data.tags["cellatlas.model_uri"]).predict(cells)
     assert list(logged) == list(joblib.load(base / "model.joblib").predict(cells))
 

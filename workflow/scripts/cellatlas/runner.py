@@ -57,7 +57,8 @@ def run_stage(smk, stage: str, body: Callable[[Any, Any], None]) -> None:
     dataset = wildcards.pop("dataset", None)
     # further wildcards (task, model) name the run and tag it: classify:sim/label/knn
     name = f"{stage}:" + "/".join([dataset or "", *wildcards.values()]).strip("/") if dataset else stage
-    tags = {f"cellatlas.{k}": str(v) for k, v in wildcards.items()}
+    # "cellatlas.kind" already says pipeline or stage; the classify/regress wildcard gets its own name
+    tags = {f"cellatlas.{'task_dir' if k == 'kind' else k}": str(v) for k, v in wildcards.items()}
     logging.getLogger("cellatlas").info("stage %s, dataset %s, %s, threads %s", stage, dataset, wildcards, smk.threads)
     try:
         with stage_run(stage, dataset, params=params_of(smk), record=smk.output.run, name=name, tags=tags) as run:

@@ -146,10 +146,11 @@ def log_to_parent(path: str | Path, artifact_path: str | None = None) -> None:
 class StageRun:
     """Handle on a stage's child run: logs to MLflow and keeps what it logged for the record."""
 
-    def __init__(self, client, run_id: str, uri: str | None = None):
+    def __init__(self, client, run_id: str, uri: str | None = None, experiment_id: str | None = None):
         self.client = client
         self.run_id = run_id
         self.uri = uri
+        self.experiment_id = experiment_id
         self.metrics: dict[str, float] = {}
         self.params: dict[str, str] = {}
         self.artifacts: list[str] = []
@@ -199,6 +200,10 @@ class StageRun:
 
         if self.uri:
             mlflow.set_tracking_uri(self.uri)
+        if self.experiment_id:
+            # a logged model belongs to the active experiment: without this it lands in
+            # "Default", whose artifacts go to ./mlruns of the working directory
+            mlflow.set_experiment(experiment_id=self.experiment_id)
         pins = [f"{p}=={version(p)}" for p in ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle")]
         info = mlflow.sklearn.log_model(
             model,
@@ -243,7 +248,7 @@ def stage_run(
         run_tags["mlflow.parentRunId"] = parent
     run_name = name or (f"{stage}:{dataset}" if dataset else stage)
     run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
-    handle = StageRun(client, run.info.run_id, uri)
+    handle = StageRun(client, run.info.run_id, uri, exp_id)
 
     def _terminate(signum, frame):  # turn SIGTERM into an exception so the run is closed
         raise SystemExit(128 + signum)

@@ -126,7 +126,9 @@ def compare(fold_tables: dict[str, pd.DataFrame], *, kind: str, test: str = "cor
         table.loc[idx, "worse_than_best"] = bool(hit["significant"].iloc[0])
 
     tied = [m for m in table["model"] if m != best and not table.set_index("model").loc[m, "worse_than_best"]]
-    if n_splits < 2:
+    if len(names) == 1:
+        sentence = f"{best} is the only model of this task; there is nothing to compare."
+    elif n_splits < 2:
         sentence = f"{best} scores highest on {metric}; with one split no difference can be tested."
     elif not tied:
         sentence = f"{best} has the highest {metric} and is significantly better than every other model."

@@ -56,7 +56,9 @@ def scores(kind: str, y_true, y_pred) -> dict[str, float]:
             return {
                 "accuracy": float(skm.accuracy_score(y_true, y_pred)),
                 "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-                "macro_f1": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
+                # over the classes among the test cells: a grouped fold may lack a class, which
+                # would otherwise enter the mean as F1 = 0 (its false positives still cost recall)
+                "macro_f1": float(skm.f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)),
             }
     return {
         "r2": float(skm.r2_score(y_true, y_pred)),
@@ -219,8 +221,9 @@ def importance(
         w = gene_weights(final, _linear_coef(model), len(genes))
         if folds.kind == keys.CLASSIFICATION:
             names = [str(c) for c in model.classes_]
-            labels = names if w.shape[0] == len(names) else [names[-1]]
-            for c, wc in zip(labels, w):
+            if w.shape[0] != len(names):  # binary: one row, positive for classes_[1]
+                w = np.vstack([-w[0], w[0]])
+            for c, wc in zip(names, w):
                 for g in np.argsort(-wc, kind="stable")[:n_top]:
                     rows.append({"gene": genes[g], "class": c, "importance": wc[g], "sd": np.nan})
         else:

@@ -18,13 +18,32 @@ GENE_METHODS = ("hvg", "anova", "all")
 INPUTS = ("genes", "pca")
 
 
-def _mean_var(X) -> tuple[np.ndarray, np.ndarray]:
+#: nonzeros transformed per block when summing over a sparse matrix (bounds the temporaries)
+CHUNK = 1 << 22
+
+
+def _expm1_mean_var(X) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and variance of ``expm1(X)``, without copying the matrix.
+
+    On CSR input the nonzeros are summed per column in blocks (``np.bincount`` on the column
+    indices); a copy of a 100,000-cell matrix and its square would otherwise triple the memory.
+    """
+    n, g = X.shape
     if sp.issparse(X):
-        mean = np.asarray(X.mean(axis=0)).ravel()
-        sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
+        X = X.tocsr()
+        s1, s2 = np.zeros(g), np.zeros(g)
+        for start in range(0, X.nnz, CHUNK):
+            v = np.expm1(X.data[start : start + CHUNK].astype(np.float64))
+            idx = X.indices[start : start + CHUNK]
+            s1 += np.bincount(idx, weights=v, minlength=g)
+            s2 += np.bincount(idx, weights=v * v, minlength=g)
     else:
-        mean, sq = X.mean(axis=0), (X * X).mean(axis=0)
-    return mean, np.maximum(sq - mean * mean, 0.0)
+        v = np.expm1(np.asarray(X, dtype=np.float64))
+        s1, s2 = v.sum(axis=0), (v * v).sum(axis=0)
+    mean = s1 / n
+    # the sample variance, as scanpy's seurat flavour uses
+    var = np.maximum(s2 / n - mean * mean, 0.0) * (n / max(n - 1, 1))
+    return mean, var
 
 
 def hvg_scores(X, n_bins: int = 20) -> np.ndarray:
@@ -33,12 +52,7 @@ def hvg_scores(X, n_bins: int = 20) -> np.ndarray:
     Dispersion (variance / mean, on expm1 values as in scanpy's ``seurat`` flavour) is
     log-transformed and z-scored within bins of mean expression; genes never detected score -inf.
     """
-    if sp.issparse(X):
-        Xe = X.copy()
-        Xe.data = np.expm1(Xe.data)
-    else:
-        Xe = np.expm1(X)
-    mean, var = _mean_var(Xe)
+    mean, var = _expm1_mean_var(X)
     with np.errstate(divide="ignore", invalid="ignore"):
         disp = np.log(var / mean)
         log_mean = np.log1p(mean)

@@ -83,7 +83,11 @@ class Folds:
     @classmethod
     def read(cls, table_path: str | Path, meta_path: str | Path) -> Folds:
         meta = json.loads(Path(meta_path).read_text())
-        table = pd.read_csv(table_path, sep="\t", index_col="cell", keep_default_na=False, na_values=[""])
+        # names and labels as written: "01" must not come back as 1
+        dtype = {"cell": str, "group": str, "excluded": str}
+        if meta["kind"] == keys.CLASSIFICATION:
+            dtype["target"] = str
+        table = pd.read_csv(table_path, sep="\t", index_col="cell", keep_default_na=False, na_values=[""], dtype=dtype)
         table.index = table.index.astype(str)
         if meta["kind"] == keys.CLASSIFICATION:
             table["target"] = table["target"].astype("string").astype(object).where(table["target"].notna(), None)
@@ -113,9 +117,37 @@ def _target(obs: pd.DataFrame, dataset: str, task: str, target: str, kind: str) 
                 f"classification target '{target}' is numeric with {present.nunique()} distinct values; "
                 "for a measured quantity set kind: regression",
             )
-        col = present.astype(int).reindex(col.index)
+        # "1", not "1.0": integer codes keep their spelling whether or not some are missing
+        return present.astype(int).astype(str).astype(object).reindex(col.index).where(col.notna(), None)
     text = col.astype("string").astype(object)
     return text.where(col.notna(), None)
+
+
+#: fewest cells of a class a training fold may hold (0 is fine: the class just cannot be
+#: predicted there); Platt scaling's inner 3-fold CV and early stopping's stratified hold-out need 3
+MIN_TRAIN_CELLS = 3
+
+
+def _drop_classes_rare_in_training(table: pd.DataFrame, n_splits: int, notes: list[str]) -> None:
+    """Leave out a class with 1 or 2 cells in some fold's training part (grouped splits can do that)."""
+    fold = table["test_fold"].to_numpy()
+    used = fold != keys.EXCLUDED
+    y = table["target"].to_numpy()
+    for cls in sorted(set(y[used])):
+        is_cls = used & (y == cls)
+        for k in range(n_splits):
+            n = int((is_cls & (fold != k)).sum())
+            if 0 < n < MIN_TRAIN_CELLS:
+                _exclude(table, is_cls, f"class with {n} training cells in fold {k}")
+                notes.append(f"class '{cls}' has {n} cells in the training part of fold {k} (< {MIN_TRAIN_CELLS}) and is left out")
+                break
+
+
+def _at_least_two_classes(table, dataset, task, target, counts) -> None:
+    n_classes = table.loc[table["test_fold"] != keys.EXCLUDED, "target"].nunique()
+    if n_classes < 2:
+        only = counts.index[0] if len(counts) else "none"
+        raise TaskError(dataset, task, f"target '{target}' has {n_classes} class with enough cells ('{only}'); at least 2 are needed")
 
 
 def _exclude(table: pd.DataFrame, mask: np.ndarray, reason: str) -> None:
@@ -179,13 +211,16 @@ def make_folds(
             _exclude(table, no_group, f"missing {groups_col}")
             notes.append(f"{int(no_group.sum())} cells without a '{groups_col}' value are left out")
 
-    if scheme == "grouped":
+    def fewer_groups(n_splits: int) -> int:
         n_groups = table.loc[table["test_fold"] != keys.EXCLUDED, "group"].nunique()
         if n_groups < 2:
             raise TaskError(dataset, task, f"split 'grouped' needs at least 2 groups in '{group_key}' (found {n_groups})")
         if n_groups < n_splits:
             notes.append(f"only {n_groups} groups in '{group_key}': {n_groups} folds instead of {n_splits}")
-            n_splits = n_groups
+        return min(n_splits, n_groups)
+
+    if scheme == "grouped":
+        n_splits = fewer_groups(n_splits)
     kfold = scheme in ("stratified", "grouped")
     if kind == keys.CLASSIFICATION:
         min_cells = n_splits if kfold else 2
@@ -194,10 +229,9 @@ def make_folds(
         for cls, n in counts[counts < min_cells].items():
             _exclude(table, (table["target"] == cls).to_numpy(), f"class with {n} cells")
             notes.append(f"class '{cls}' has {n} cells (< {min_cells}) and is left out")
-        n_classes = table.loc[table["test_fold"] != keys.EXCLUDED, "target"].nunique()
-        if n_classes < 2:
-            only = counts.index[0] if len(counts) else "none"
-            raise TaskError(dataset, task, f"target '{target}' has {n_classes} class with enough cells ('{only}'); at least 2 are needed")
+        _at_least_two_classes(table, dataset, task, target, counts)
+        if scheme == "grouped":  # dropping cells can empty a donor
+            n_splits = fewer_groups(n_splits)
 
     used = np.flatnonzero(table["test_fold"].to_numpy() != keys.EXCLUDED)
     yu = table["target"].to_numpy()[used]
@@ -248,6 +282,9 @@ def make_folds(
         table.iloc[used, table.columns.get_loc("test_fold")] = fold
     table["test_fold"] = table["test_fold"].astype(int)
 
+    if kind == keys.CLASSIFICATION:
+        _drop_classes_rare_in_training(table, n_splits, notes)
+        _at_least_two_classes(table, dataset, task, target, table["target"].value_counts())
     folds = Folds(table, kind, scheme, n_splits, groups_col, notes)
     for k, (train, test) in enumerate(folds.splits()):
         if len(train) == 0 or len(test) == 0:

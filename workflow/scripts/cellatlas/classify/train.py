@@ -28,11 +28,29 @@ def model_pipeline(model: Mapping[str, Any], features: Mapping[str, Any], *, kin
     spec = get_kind(model["kind"], kind)
     n_sel = min(features["n_genes"], n_genes) if features["genes"] != "all" else n_genes
     n_pcs = max(1, min(features["n_pcs"], n_sel - 1, n_train_min - 1))  # arpack needs fewer than both
-    estimator = make_estimator(model["kind"], kind, model.get("params"), n_jobs=threads, seed=seed)
+    params = dict(model.get("params") or {})
+    if model["kind"] == "knn":
+        k = params.get("n_neighbors", spec.defaults["n_neighbors"])
+        if k > n_train_min:
+            log.warning("knn: n_neighbors %d > %d cells in the smallest training fold; using %d", k, n_train_min, n_train_min)
+            params["n_neighbors"] = n_train_min
+    estimator = make_estimator(model["kind"], kind, params, n_jobs=threads, seed=seed)
     return build_pipeline(
         estimator, task=kind, input=model.get("input", "genes"), genes=features["genes"], n_genes=features["n_genes"],
         scale=features["scale"], n_pcs=n_pcs, dense=not spec.sparse, seed=seed,
     ), spec
+
+
+def read_matrix(h5ad: str):
+    """``X`` with cell and gene names, and nothing else of the file (its counts layer is as large as X)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(h5ad, "r") as fh:
+        X = read_elem(fh["X"])
+        obs_names = pd.Index(read_elem(fh["obs"]).index.astype(str))
+        var_names = pd.Index(read_elem(fh["var"]).index.astype(str))
+    return X, obs_names, var_names
 
 
 def train_model(
@@ -67,7 +85,6 @@ def train_model(
 def _train_model(*, h5ad, folds, meta, outputs, dataset, task, model_name, model, features, importance, seed, threads, run):
     import time
 
-    import anndata as ad
     import joblib
     import scipy.sparse as sp
 
@@ -75,10 +92,9 @@ def _train_model(*, h5ad, folds, meta, outputs, dataset, task, model_name, model
     wants_classes = "confusion" in outputs
     if wants_classes != (f.kind == keys.CLASSIFICATION):
         raise TaskError(dataset, task, f"is a {f.kind} task; its models are under results/{dataset}/{keys.TASK_DIRS[f.kind]}/")
-    adata = ad.read_h5ad(h5ad)
-    if not adata.obs_names.equals(pd.Index(f.table.index)):
+    X, obs_names, var_names = read_matrix(h5ad)
+    if not obs_names.equals(pd.Index(f.table.index)):
         raise TaskError(dataset, task, f"the cells of '{h5ad}' differ from those of its folds '{folds}'; rerun the split")
-    X = adata.X
     X = X.tocsr() if sp.issparse(X) else np.asarray(X)
     if sp.issparse(X) and X.dtype != np.float32:
         X = X.astype(np.float32)
@@ -116,7 +132,7 @@ def _train_model(*, h5ad, folds, meta, outputs, dataset, task, model_name, model
     ev.final_predictions(X, f, final, cv).to_csv(outputs["predictions"], sep="\t", index_label="cell")
     t1 = time.perf_counter()
     genes = ev.importance(
-        X, f, final, cv, method=spec.importance, gene_names=adata.var_names, n_top=importance["n_genes"],
+        X, f, final, cv, method=spec.importance, gene_names=var_names, n_top=importance["n_genes"],
         max_cells=importance["max_cells"], n_repeats=importance["n_repeats"], candidates=importance["candidates"], seed=seed,
     )
     genes.to_csv(outputs["importance"], sep="\t", index=False)
