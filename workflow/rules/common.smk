@@ -50,10 +50,14 @@ def get_download_params(wildcards):
 
 
 def get_tasks():
-    """Supervised tasks resolved from the config: {(dataset, task): spec} (see cellatlas.config)."""
+    """Supervised tasks resolved from the config: {(dataset, task): spec} (see cellatlas.config).
+
+    The config was checked by validate_config; here the tasks are only resolved, which every
+    job's input and params functions ask for.
+    """
     from cellatlas.config import classify_tasks
 
-    return classify_tasks(config)
+    return classify_tasks(config, check_models=False)
 
 
 def get_task(wildcards):

@@ -80,13 +80,16 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
 _CANONICAL = {"label": "label_key", "batch": "batch_key", "donor": "donor_key"}
 
 
-def classify_tasks(config: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+def classify_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict[tuple[str, str], dict[str, Any]]:
     """Every supervised task, resolved: ``{(dataset, task): spec}``.
 
     ``spec`` holds ``target``, ``kind``, ``split`` (the global split with the task's overrides),
     ``models`` (name -> model entry of the task's kind) and ``dir`` (``classify`` or
     ``regress``, the results folder). With ``classify.tasks: null`` every dataset with a
     ``label_key`` gets the classification task ``label``.
+
+    ``check_models=False`` skips building every estimator to check its params (done once, by
+    :func:`validate`); the Snakefile resolves tasks many times while it builds the job graph.
 
     Raises
     ------
@@ -102,7 +105,7 @@ def classify_tasks(config: dict[str, Any]) -> dict[tuple[str, str], dict[str, An
     tasks = cl.get("tasks")
     if tasks is None:
         tasks = {ds: {"label": {"target": "label"}} for ds, entry in datasets.items() if entry.get("label_key")}
-    for group in ("classifiers", "regressors"):
+    for group in ("classifiers", "regressors") if check_models else ():
         kind = keys.CLASSIFICATION if group == "classifiers" else keys.REGRESSION
         for name, model in cl.get(group, {}).items():
             _check_model(f"classify.{group}.{name}", model, kind)

@@ -163,7 +163,11 @@ class StageRun:
         self.params.update(flat)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log the numeric, finite entries (booleans and strings are kept as tags)."""
+        """Log the numeric, finite entries (booleans and strings are kept as tags).
+
+        Stepped metrics (per fold, per epoch) go to MLflow's history only; the run record keeps
+        the unstepped summary values.
+        """
         import math
         import time
 
@@ -176,7 +180,8 @@ class StageRun:
                 tags.append(RunTag(f"cellatlas.{k}", str(v)))
             elif isinstance(v, (int, float)) and math.isfinite(float(v)):
                 batch.append(Metric(k, float(v), now, step or 0))
-                self.metrics[k] = float(v)
+                if step is None:
+                    self.metrics[k] = float(v)
         self.client.log_batch(self.run_id, metrics=batch, tags=tags)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

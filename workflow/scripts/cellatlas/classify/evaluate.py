@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +49,6 @@ def scores(kind: str, y_true, y_pred) -> dict[str, float]:
     from sklearn import metrics as skm
 
     if kind == keys.CLASSIFICATION:
-        import warnings
-
         with warnings.catch_warnings():
             # a fold may predict a class absent from its test cells; that is scored, not an error
             warnings.simplefilter("ignore", UserWarning)
@@ -135,14 +134,11 @@ def per_class(folds: Folds, cv: CVResult) -> tuple[pd.DataFrame, pd.DataFrame]:
         # a class absent from a fold's test cells has no recall or F1 in that fold
         fold_f1.append(np.where(sk > 0, fk, np.nan))
         fold_recall.append(np.where(sk > 0, rk, np.nan))
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            table["f1_fold_mean"] = np.nanmean(fold_f1, axis=0)
-            table["f1_fold_sd"] = np.nanstd(fold_f1, axis=0, ddof=1) if len(fold_f1) > 1 else 0.0
-            table["recall_fold_mean"] = np.nanmean(fold_recall, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class in no test fold: NaN, not a warning
+        table["f1_fold_mean"] = np.nanmean(fold_f1, axis=0)
+        table["f1_fold_sd"] = np.nanstd(fold_f1, axis=0, ddof=1) if len(fold_f1) > 1 else 0.0
+        table["recall_fold_mean"] = np.nanmean(fold_recall, axis=0)
     cm = confusion_matrix(y_true, y_pred, labels=classes)
     confusion = pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=classes)
     return table, confusion

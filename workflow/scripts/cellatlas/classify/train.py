@@ -71,18 +71,8 @@ def train_model(
 ) -> dict[str, Any]:
     """Cross-validate, refit and describe one model; write every output; return the summary.
 
-    BLAS and OpenMP pools are held to ``threads``: unbounded, histogram boosting spins one thread
-    per core and slows down tenfold beside other jobs.
+    ``threads`` goes to the estimators' ``n_jobs``; the caller holds BLAS/OpenMP pools to it.
     """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=max(1, threads)):
-        return _train_model(h5ad=h5ad, folds=folds, meta=meta, outputs=outputs, dataset=dataset, task=task,
-                            model_name=model_name, model=model, features=features, importance=importance, seed=seed,
-                            threads=threads, run=run)
-
-
-def _train_model(*, h5ad, folds, meta, outputs, dataset, task, model_name, model, features, importance, seed, threads, run):
     import time
 
     import joblib
