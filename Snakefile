@@ -1,5 +1,5 @@
 # The cell-atlas pipeline: raw counts -> QC -> normalization -> embeddings -> clusters, and
-# supervised models with grouped cross-validation,
+# supervised models with grouped cross-validation, Lightning models (an MLP classifier, a VAE embedding),
 # every stage a tracked MLflow child run under one parent run per invocation.
 # Run: snakemake --cores all        Config: config/config.yaml (schema: config/schema/)
 
@@ -31,6 +31,7 @@ include: "workflow/rules/normalize.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/cluster.smk"
 include: "workflow/rules/classify.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 
 

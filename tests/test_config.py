@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from cellatlas.config import validate
+from cellatlas.config import embedding_datasets, validate
 from cellatlas.errors import ConfigError
 
 from conftest import ROOT
@@ -28,7 +28,7 @@ def test_defaults_are_filled_in():
     assert cfg["tracking"]["experiment"] == "cellatlas"
     assert cfg["classify"]["tasks"] is None and cfg["classify"]["split"]["scheme"] == "auto"
     assert set(cfg["classify"]["classifiers"]) == {"logistic_regression", "linear_svm", "random_forest",
-                                                  "hist_gradient_boosting", "knn"}
+                                                  "hist_gradient_boosting", "knn", "mlp"}
     assert cfg["classify"]["classifiers"]["knn"]["input"] == "pca"
 
 
@@ -42,7 +42,7 @@ def test_classify_tasks_default_to_every_labelled_dataset():
     tasks = classify_tasks(cfg)
     assert list(tasks) == [("a", "label")]
     spec = tasks[("a", "label")]
-    assert spec["kind"] == "classification" and spec["dir"] == "classify" and len(spec["models"]) == 5
+    assert spec["kind"] == "classification" and spec["dir"] == "classify" and len(spec["models"]) == 6
     cfg["classify"]["tasks"] = {"a": {"t": {"target": "label", "split": {"n_splits": 3}, "models": ["knn"]}}}
     spec = classify_tasks(cfg)[("a", "t")]
     assert spec["split"]["n_splits"] == 3 and spec["split"]["scheme"] == "auto" and list(spec["models"]) == ["knn"]
@@ -86,3 +86,33 @@ def test_bad_config_names_the_key(config, edit, expected):
         validate(cfg, SCHEMA)
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def _base():
+    return {"datasets": {"d1": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}},
+                         "s": {"source": {"kind": "simulate", "n_cells": 300, "n_genes": 100}}}}
+
+
+def test_lightning_settings_and_models_are_checked_before_any_job():
+    cfg = _base()
+    cfg["classify"] = {"classifiers": {"net": {"kind": "mlp", "params": {"hiddn": [64]}}}}
+    with pytest.raises(ConfigError, match=r"config key 'classify.classifiers.net.params': 'hiddn' is not a parameter of mlp"):
+        validate(cfg, SCHEMA)
+    cfg["classify"] = {"classifiers": {"net": {"kind": "mlp", "params": {"dropout": 1.5}}}}
+    with pytest.raises(ConfigError, match=r"classify.classifiers.net.params': The 'dropout' parameter of MLPClassifier"):
+        validate(cfg, SCHEMA)
+    cfg = _base()
+    cfg["train"] = {"trainer": {"precision": "fp8"}}
+    with pytest.raises(ConfigError, match=r"config key 'train.trainer.precision'"):
+        validate(cfg, SCHEMA)
+    cfg = _base()
+    cfg["datasets"]["ln"] = {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}, "values": "lognorm"}
+    cfg["train"] = {"embedding": {"datasets": ["ln"]}}
+    with pytest.raises(ConfigError, match=r"'train.embedding.datasets': dataset 'ln' holds log-normalized values"):
+        validate(cfg, SCHEMA)
+    cfg["train"] = {"embedding": {"datasets": ["nope"]}}
+    with pytest.raises(ConfigError, match=r"'train.embedding.datasets': 'nope' is not a dataset"):
+        validate(cfg, SCHEMA)
+    cfg["train"] = {}
+    validate(cfg, SCHEMA)
+    assert embedding_datasets(cfg) == [d for d in cfg["datasets"] if d != "ln"]  # null: every dataset with counts

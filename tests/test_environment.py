@@ -42,4 +42,5 @@ def test_installed_versions_match_pins():
     from importlib.metadata import version
 
     for name, pinned in project_pins().items():
-        assert version(name) == pinned, name
+        # a local build tag is the same release (torch 2.13.0+cpu here, +cu128 on a GPU node)
+        assert version(name).split("+")[0] == pinned, name

@@ -42,6 +42,8 @@ rule classify_model:
         importance="results/{dataset}/classify/{task}/models/{model}/importance.tsv",
         model="results/{dataset}/classify/{task}/models/{model}/model.joblib",
         run="results/{dataset}/classify/{task}/models/{model}/run.json",
+    wildcard_constraints:
+        model=model_pattern(deep=False),
     params:
         model=get_model_params,
         features=config["classify"]["features"],

@@ -89,15 +89,37 @@ def get_task_model_folds(wildcards):
     return [f"{base}/{m}/folds.tsv" for m in get_task_model_names(wildcards)]
 
 
+def model_pattern(deep):
+    """Wildcard pattern of the configured model names that Lightning trains (deep) or not."""
+    import re
+
+    from cellatlas.classify.models import is_deep
+    from cellatlas.keys import CLASSIFICATION, REGRESSION
+
+    cl = config["classify"]
+    names = [n for n, m in cl["classifiers"].items() if is_deep(m["kind"], CLASSIFICATION) == deep]
+    if not deep:
+        names += list(cl["regressors"])
+    return "|".join(re.escape(n) for n in sorted(set(names))) or "(?!)"
+
+
+def get_embedding_datasets():
+    from cellatlas.config import embedding_datasets
+
+    return embedding_datasets(config)
+
+
+def get_summary_records():
+    records = [f"results/{ds}/{stage}/run.json" for ds in config["datasets"] for stage in STAGE_FILES]
+    return records + [f"results/{ds}/train/vae/run.json" for ds in get_embedding_datasets()]
+
+
 def get_comparisons():
     return [f"results/{ds}/{spec['dir']}/{task}/comparison/models.tsv" for (ds, task), spec in get_tasks().items()]
 
 
 def get_final_outputs():
-    outputs = ["results/summary.tsv", "results/models.tsv"]
-    for ds in config["datasets"]:
-        outputs += [f"results/{ds}/{stage}/run.json" for stage in STAGE_FILES]
-    return outputs + get_comparisons()
+    return ["results/summary.tsv", "results/models.tsv", *get_summary_records(), *get_comparisons()]
 
 
 def get_tracking_uri():

@@ -1,8 +1,6 @@
 rule summary:
     input:
-        records=expand(
-            "results/{dataset}/{stage}/run.json", dataset=list(config["datasets"]), stage=STAGE_FILES
-        ),
+        records=get_summary_records(),
         comparisons=get_comparisons(),
     output:
         table=report("results/summary.tsv", category="Summary"),

@@ -66,6 +66,8 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
     """Rules a JSON schema cannot express."""
     if "classify" in config:
         classify_tasks(config)
+    if "train" in config:
+        embedding_datasets(config)
     cl = config.get("cluster", {})
     if "marker_resolution" in cl and cl["marker_resolution"] not in cl.get("resolutions", []):
         raise ConfigError(
@@ -136,6 +138,29 @@ def classify_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict
                 "dir": keys.TASK_DIRS[kind],
             }
     return out
+
+
+def embedding_datasets(config: dict[str, Any]) -> list[str]:
+    """Datasets that train a VAE: ``train.embedding.datasets``, or (null) every dataset with counts.
+
+    Raises
+    ------
+    ConfigError
+        An unknown dataset, or one whose values are log-normalized (the likelihood needs counts).
+    """
+    from cellatlas import keys
+
+    datasets = config.get("datasets", {})
+    chosen = config.get("train", {}).get("embedding", {}).get("datasets")
+    if chosen is None:
+        return [ds for ds, d in datasets.items() if d.get("values", keys.VALUES_COUNTS) == keys.VALUES_COUNTS]
+    for ds in chosen:
+        if ds not in datasets:
+            raise ConfigError(f"config key 'train.embedding.datasets': '{ds}' is not a dataset (datasets: {sorted(datasets)})")
+        if datasets[ds].get("values", keys.VALUES_COUNTS) != keys.VALUES_COUNTS:
+            raise ConfigError(f"config key 'train.embedding.datasets': dataset '{ds}' holds log-normalized values, "
+                              "not counts; the VAE's negative-binomial likelihood needs counts")
+    return list(chosen)
 
 
 def _check_model(where: str, model: dict[str, Any], kind: str) -> None:

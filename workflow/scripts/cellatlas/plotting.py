@@ -166,3 +166,23 @@ def fold_scores(fold_tables: dict[str, pd.DataFrame], metric: str, path: str, *,
     ax.set_ylabel(f"{metric} per fold")
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def training_curves(history: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """Loss per epoch (training and validation), and validation scores when there are any."""
+    scores = [c for c in ("val_accuracy", "val_macro_f1") if c in history]
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    for col in ("train_loss", "val_loss"):
+        if col in history:
+            ax.plot(history["epoch"], history[col], marker="o", ms=3, label=col)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(frameon=False)
+    if scores:
+        for col in scores:
+            axes[0, 1].plot(history["epoch"], history[col], marker="o", ms=3, label=col)
+        axes[0, 1].set_xlabel("epoch")
+        axes[0, 1].legend(frameon=False)
+    fig.suptitle(title)
+    _save(fig, path)

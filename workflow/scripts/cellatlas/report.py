@@ -19,6 +19,8 @@ COLUMNS = {
     ("embed", "pca_variance_explained"): "pca_variance_explained",
     ("cluster", "best_ari"): "best_ari",
     ("cluster", "best_ari_resolution"): "best_ari_resolution",
+    ("train", "best_ari"): "vae_best_ari",
+    ("train", "best_ari_resolution"): "vae_best_ari_resolution",
 }
 
 
@@ -32,11 +34,13 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
         for (s, m), col in COLUMNS.items():
             if s == stage and m in metrics:
                 row[col] = metrics[m]
-        if stage == "cluster":
+        if stage in ("cluster", "train"):
+            # the VAE embedding's clusters beside the PCA embedding's: vae_ari_r1, ari_r1, ...
+            prefix = "vae_" if stage == "train" else ""
             for m, v in metrics.items():
                 if m.startswith(("n_clusters_r", "ari_r", "nmi_r")):
-                    row[m] = v
-        row[f"run_{stage}"] = rec["run_id"]
+                    row[prefix + m] = v
+        row[f"run_{stage}" + ("_vae" if stage == "train" else "")] = rec["run_id"]
     table = pd.DataFrame(list(rows.values()))
     first = ["dataset"] + [c for c in COLUMNS.values() if c in table]
     rest = sorted(c for c in table.columns if c not in first and not c.startswith("run_"))
@@ -44,7 +48,7 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
     table = table[first + rest + runs].sort_values("dataset").reset_index(drop=True)
     for col in table.columns:  # metrics travel as floats; show counts as integers
         values = table[col]
-        if values.dtype.kind == "f" and values.dropna().apply(float.is_integer).all() and not col.startswith(("ari", "nmi", "best_ari_res")):
+        if values.dtype.kind == "f" and values.dropna().apply(float.is_integer).all() and not col.startswith(("ari", "nmi", "best_ari_res", "vae_ari", "vae_nmi", "vae_best_ari_res")):
             table[col] = values.astype("Int64")
     return table
 

@@ -40,7 +40,7 @@ def params_of(smk) -> dict[str, Any]:
     return {k: _to_builtin(v) for k, v in smk.params.items()}
 
 
-def run_stage(smk, stage: str, body: Callable[[Any, Any], None]) -> None:
+def run_stage(smk, stage: str, body: Callable[[Any, Any], None], *, part: str | None = None) -> None:
     """Run ``body(smk, run)`` inside the stage's MLflow child run.
 
     A :class:`CellAtlasError` becomes one line on the terminal (and in the log) and exit
@@ -56,7 +56,8 @@ def run_stage(smk, stage: str, body: Callable[[Any, Any], None]) -> None:
     wildcards = dict(smk.wildcards.items())
     dataset = wildcards.pop("dataset", None)
     # further wildcards (task, model) name the run and tag it: classify:sim/label/knn
-    name = f"{stage}:" + "/".join([dataset or "", *wildcards.values()]).strip("/") if dataset else stage
+    parts = [dataset or "", *wildcards.values(), *([part] if part else [])]
+    name = f"{stage}:" + "/".join(parts).strip("/") if dataset else stage
     # "cellatlas.kind" already says pipeline or stage; the classify/regress wildcard gets its own name
     tags = {f"cellatlas.{'task_dir' if k == 'kind' else k}": str(v) for k, v in wildcards.items()}
     logging.getLogger("cellatlas").info("stage %s, dataset %s, %s, threads %s", stage, dataset, wildcards, smk.threads)

@@ -188,7 +188,8 @@ class StageRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
         self.artifacts.append(Path(path).name)
 
-    def log_sklearn_model(self, model, *, input_example, output_example, code_paths=(), name: str = "model") -> str:
+    def log_sklearn_model(self, model, *, input_example, output_example, code_paths=(), name: str = "model",
+                          requirements: tuple[str, ...] = ()) -> str:
         """Log a fitted scikit-learn model as an MLflow model of this run (signature + input example).
 
         Requirements are the installed pins (no slow inference), and ``code_paths`` ships our own
@@ -209,7 +210,9 @@ class StageRun:
             # a logged model belongs to the active experiment: without this it lands in
             # "Default", whose artifacts go to ./mlruns of the working directory
             mlflow.set_experiment(experiment_id=self.experiment_id)
-        pins = [f"{p}=={version(p)}" for p in ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle")]
+        # a local build tag (torch's "+cpu") is not on the package index; the release is
+        pins = [f"{p}=={version(p).split('+')[0]}"
+                for p in ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle", *requirements)]
         info = mlflow.sklearn.log_model(
             model,
             name=name,
@@ -220,6 +223,29 @@ class StageRun:
             pip_requirements=pins,
             serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
         )
+        self.artifacts.append(name)
+        return info.model_uri
+
+
+    def log_torch_model(self, module, *, name: str = "model") -> str:
+        """Log a torch ``nn.Module`` as an MLflow model of this run (pickled with this package's code)."""
+        from importlib.metadata import version
+        from pathlib import Path as _Path
+
+        import mlflow
+        import mlflow.pytorch
+
+        import cellatlas
+
+        if self.uri:
+            mlflow.set_tracking_uri(self.uri)
+        if self.experiment_id:
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+        pins = [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "lightning", "numpy", "cloudpickle")]
+        # pickle, not MLflow 3's traced pt2 default: the VAE returns a dict and takes optional batches
+        info = mlflow.pytorch.log_model(module, name=name, run_id=self.run_id, pip_requirements=pins,
+                                        code_paths=[str(_Path(cellatlas.__file__).parent)],
+                                        serialization_format=mlflow.pytorch.SERIALIZATION_FORMAT_PICKLE)
         self.artifacts.append(name)
         return info.model_uri
 

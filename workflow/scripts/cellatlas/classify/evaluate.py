@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +84,11 @@ def _proba(pipe: Pipeline, X, classes: list[str]) -> np.ndarray | None:
     return out
 
 
-def cross_validate(X, folds: Folds, pipeline: Pipeline) -> CVResult:
+#: ``fit_params(label, rows)`` -> keyword arguments of one fit (``label``: "fold_<k>" or "final")
+FitParams = Callable[[str, np.ndarray], dict]
+
+
+def cross_validate(X, folds: Folds, pipeline: Pipeline, fit_params: FitParams | None = None) -> CVResult:
     """Fit a clone of ``pipeline`` per fold on its training rows; score it on its test rows."""
     y = _targets(folds)
     classes = folds.classes
@@ -94,7 +99,7 @@ def cross_validate(X, folds: Folds, pipeline: Pipeline) -> CVResult:
     for k, (train, test) in enumerate(folds.splits()):
         pipe = clone(pipeline)
         t0 = time.perf_counter()
-        pipe.fit(X[train], y[train])
+        pipe.fit(X[train], y[train], **(fit_params(f"fold_{k}", train) if fit_params else {}))
         t1 = time.perf_counter()
         p = pipe.predict(X[test])
         if folds.kind == keys.CLASSIFICATION:
@@ -144,11 +149,11 @@ def per_class(folds: Folds, cv: CVResult) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, confusion
 
 
-def fit_final(X, folds: Folds, pipeline: Pipeline) -> Pipeline:
+def fit_final(X, folds: Folds, pipeline: Pipeline, fit_params: FitParams | None = None) -> Pipeline:
     """The model refitted on all training rows (every used cell; the train batches for ``batches``)."""
     rows = folds.training_rows()
     pipe = clone(pipeline)
-    pipe.fit(X[rows], _targets(folds)[rows])
+    pipe.fit(X[rows], _targets(folds)[rows], **(fit_params("final", rows) if fit_params else {}))
     return pipe
 
 

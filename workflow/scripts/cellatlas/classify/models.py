@@ -28,6 +28,8 @@ class ModelKind:
     #: constructor arguments that take the job's threads and the seed
     n_jobs_arg: str | None = None
     seed_arg: str | None = None
+    #: trained with Lightning (cellatlas.deep): its jobs may go to a GPU node
+    deep: bool = False
 
 
 def _logreg(**kw):
@@ -43,6 +45,12 @@ def _linear_svm(*, method: str = "sigmoid", cv: int = 3, **kw):
     from sklearn.svm import LinearSVC
 
     return CalibratedClassifierCV(LinearSVC(**kw), method=method, cv=cv)
+
+
+def _mlp(**kw):
+    from cellatlas.deep.estimator import MLPClassifier
+
+    return MLPClassifier(**kw)
 
 
 def _sk(module: str, cls: str):
@@ -69,6 +77,8 @@ KINDS: dict[str, ModelKind] = {
                   {"max_iter": 200, "early_stopping": True}, sparse=False, seed_arg="random_state"),
         ModelKind("knn", keys.CLASSIFICATION, _sk("sklearn.neighbors", "KNeighborsClassifier"),
                   {"n_neighbors": 15}, n_jobs_arg="n_jobs"),
+        # a Lightning-trained network (cellatlas.deep); its training settings come from train.trainer
+        ModelKind("mlp", keys.CLASSIFICATION, _mlp, {}, n_jobs_arg="n_jobs", seed_arg="random_state", deep=True),
         # thousands of standardized genes for thousands of cells: a small alpha overfits (R² < 0 at 10)
         ModelKind("ridge", keys.REGRESSION, _sk("sklearn.linear_model", "Ridge"), {"alpha": 1000.0}, importance="coef"),
         ModelKind("lasso", keys.REGRESSION, _sk("sklearn.linear_model", "Lasso"), {"alpha": 0.01, "max_iter": 2000, "tol": 1e-3},
@@ -86,6 +96,10 @@ KINDS: dict[str, ModelKind] = {
 
 def kinds_for(task: str) -> list[str]:
     return sorted(m.name for m in KINDS.values() if m.task == task)
+
+
+def is_deep(kind: str, task: str) -> bool:
+    return get_kind(kind, task).deep
 
 
 def get_kind(kind: str, task: str) -> ModelKind:

@@ -17,7 +17,7 @@ from cellatlas.classify.compare import compare
 from cellatlas.classify.features import build_pipeline
 from cellatlas.classify.models import get_kind, make_estimator
 from cellatlas.classify.splits import Folds
-from cellatlas.errors import TaskError
+from cellatlas.errors import CellAtlasError, TaskError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,16 @@ def train_model(
     importance: Mapping[str, Any],
     seed: int = 0,
     threads: int = 1,
+    trainer: Mapping[str, Any] | None = None,
     run=None,
 ) -> dict[str, Any]:
     """Cross-validate, refit and describe one model; write every output; return the summary.
 
     ``threads`` goes to the estimators' ``n_jobs``; the caller holds BLAS/OpenMP pools to it.
+    A deep model (``cellatlas.deep``) also gets ``trainer`` (its execution settings), the
+    donors of the training cells (whole donors make its validation set), the stage's run (its
+    epochs are logged live, as ``fold_<k>/<metric>`` and ``final/<metric>``) and, for the
+    final model, ``outputs["checkpoint"]`` (the best epoch's Lightning checkpoint).
     """
     import time
 
@@ -94,7 +99,26 @@ def train_model(
     log.info("%s/%s/%s: %s split, %d folds, pipeline %s", dataset, task, model_name, f.scheme, f.n_splits,
              [name for name, _ in pipe.steps])
 
-    cv = ev.cross_validate(X, f, pipe)
+    fit_params = None
+    if spec.deep:
+        pipe.set_params(model__trainer=dict(trainer or {}),
+                        model__tracking={"uri": run.uri, "run_id": run.run_id} if run is not None and run.uri else None)
+        groups = f.table["group"].to_numpy() if f.table["group"].notna().any() else None
+
+        def fit_params(label: str, rows: np.ndarray) -> dict[str, Any]:
+            out = {"model__groups": None if groups is None else groups[rows], "model__log_prefix": label}
+            if label == "final" and "checkpoint" in outputs:
+                out["model__checkpoint"] = outputs["checkpoint"]
+            return out
+
+    try:
+        cv = ev.cross_validate(X, f, pipe, fit_params)
+    except CellAtlasError as e:
+        raise TaskError(dataset, task, f"model '{model_name}': {e}") from None
+    if spec.deep:
+        epochs = pd.DataFrame([p.named_steps["model"].fit_summary_ for p in cv.fitted])
+        for col in ("epochs", "best_epoch", "train_seconds"):
+            cv.folds[col] = epochs[col].to_numpy()
     cv.folds.to_csv(outputs["folds"], sep="\t", index=False)
     summary = {"split": f.scheme, "n_folds": f.n_splits, "model_kind": model["kind"], **cv.aggregate()}
     if run is not None:
@@ -117,7 +141,10 @@ def train_model(
         )
 
     t0 = time.perf_counter()
-    final = ev.fit_final(X, f, pipe)
+    try:
+        final = ev.fit_final(X, f, pipe, fit_params)
+    except CellAtlasError as e:
+        raise TaskError(dataset, task, f"model '{model_name}' (final fit): {e}") from None
     joblib.dump(final, outputs["model"])
     ev.final_predictions(X, f, final, cv).to_csv(outputs["predictions"], sep="\t", index_label="cell")
     t1 = time.perf_counter()
@@ -139,7 +166,12 @@ def train_model(
         import cellatlas
 
         uri = run.log_sklearn_model(final, input_example=example, output_example=final.predict(example),
-                                    code_paths=[Path(cellatlas.__file__).parent])
+                                    code_paths=[Path(cellatlas.__file__).parent],
+                                    requirements=("torch", "lightning") if spec.deep else ())
+        if spec.deep:
+            run.log_metrics({f"final_{k}": v for k, v in final.named_steps["model"].fit_summary_.items()})
+            if "checkpoint" in outputs:
+                run.log_artifact(outputs["checkpoint"])
         run.log_metrics({"final_fit_seconds": t1 - t0, "importance_seconds": t2 - t1, "model_uri": uri})
         log.info("model logged as %s", uri)
     return summary

@@ -1,0 +1,227 @@
+"""The Lightning layer: data path, splits, models, determinism, live MLflow, faults."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+torch = pytest.importorskip("torch")
+
+from cellatlas import keys  # noqa: E402
+from cellatlas.deep.data import CellDataModule, CSRTensors, SparseBatches, validation_split  # noqa: E402
+from cellatlas.deep.estimator import MLPClassifier  # noqa: E402
+from cellatlas.deep.modules import nb_log_likelihood  # noqa: E402
+from cellatlas.errors import CellAtlasError, InputDataError  # noqa: E402
+
+FAST = {"threads": 1}
+
+
+@pytest.fixture(scope="module")
+def lognorm():
+    import scanpy as sc
+
+    from cellatlas.simulate import simulate_counts
+
+    a = simulate_counts(n_cells=800, n_genes=300, n_types=4, n_donors=6, n_batches=2, seed=11)
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    return sp.csr_matrix(a.X, dtype=np.float32), a.obs["cell_type"].astype(str).to_numpy(), a.obs["donor"].astype(str).to_numpy()
+
+
+@pytest.fixture(scope="module")
+def counts():
+    from cellatlas.ingest import canonicalize
+    from cellatlas.simulate import simulate_counts
+
+    a = simulate_counts(n_cells=1200, n_genes=300, n_types=4, n_donors=6, n_batches=2, batch_sd=0.3, seed=12)
+    a = canonicalize(a, "sim", label_key="cell_type", batch_key="batch", donor_key="donor")
+    a.layers[keys.COUNTS_LAYER] = a.X.copy()
+    return a
+
+
+def test_rows_gathered_in_bulk_equal_scipy_rows():
+    rng = np.random.default_rng(0)
+    X = sp.random(200, 50, density=0.1, format="csr", random_state=1, dtype=np.float32)
+    X[5] = 0  # an empty row
+    X.eliminate_zeros()
+    rows = rng.choice(200, size=64)  # with repeats
+    rows[:2] = [5, 199]
+    got = CSRTensors.from_scipy(X).rows(torch.as_tensor(rows)).numpy()
+    np.testing.assert_array_equal(got, X[rows].toarray())
+    empty = sp.csr_matrix((3, 4), dtype=np.float32)
+    assert CSRTensors.from_scipy(empty).rows(torch.tensor([0, 2])).abs().sum() == 0
+
+
+def test_batches_cover_every_row_once_per_epoch_in_a_seeded_order():
+    X = CSRTensors.from_scipy(sp.eye(103, format="csr", dtype=np.float32))
+    rows = np.arange(3, 103)
+
+    def epochs(seed, n=2):
+        b = SparseBatches(X, rows, y=np.arange(103), batch_size=16, shuffle=True, seed=seed)
+        return [np.concatenate([y.numpy() for _, y, _ in b]) for _ in range(n)]
+
+    e1, e2 = epochs(0), epochs(0)
+    assert sorted(e1[0]) == list(rows) and sorted(e1[1]) == list(rows)
+    assert not np.array_equal(e1[0], e1[1])  # reshuffled each epoch
+    assert all(np.array_equal(a, b) for a, b in zip(e1, e2))  # same seed, same order
+    assert not np.array_equal(e1[0], epochs(1)[0])
+    for x, y, _ in SparseBatches(X, rows, y=np.arange(103), batch_size=16):
+        assert np.array_equal(x.numpy().argmax(1), y.numpy())  # each row's features travel with its label
+    # data parallel: equal shares that together cover every row
+    shares = [SparseBatches(X, rows, y=np.arange(103), batch_size=16, shuffle=True, rank=r, world_size=3) for r in range(3)]
+    seen = [np.concatenate([y.numpy() for _, y, _ in s]) for s in shares]
+    assert len({len(s) for s in seen}) == 1 and len({len(s) for s in shares}) == 1
+    assert set(np.concatenate(seen)) == set(rows)
+
+
+def test_validation_holds_out_whole_donors_when_there_are_enough():
+    y = np.repeat(["a", "b"], 100)
+    groups = np.tile(np.arange(20), 10).astype(str)
+    fit, val, how = validation_split(200, y=y, groups=groups, fraction=0.1, seed=0)
+    assert how == "grouped" and not set(groups[fit]) & set(groups[val])
+    assert len(fit) + len(val) == 200 and 0 < len(val) < 60
+    fit, val, how = validation_split(200, y=y, groups=np.repeat(["d1", "d2"], 100), fraction=0.1, seed=0)
+    assert how == "stratified" and set(y[val]) == {"a", "b"} and len(val) == 20
+
+
+def test_nb_log_likelihood_matches_scipy():
+    from scipy.stats import nbinom
+
+    x = torch.tensor([0.0, 1.0, 5.0, 30.0])
+    mu = torch.tensor([0.5, 2.0, 4.0, 25.0])
+    theta = torch.tensor([1.0, 3.0, 0.5, 10.0])
+    p = theta / (theta + mu)
+    expected = nbinom.logpmf(x.numpy(), theta.numpy(), p.numpy())
+    np.testing.assert_allclose(nb_log_likelihood(x, mu, theta).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_learns_and_same_seed_gives_identical_numbers(lognorm):
+    X, y, donors = lognorm
+    train, test = np.arange(600), np.arange(600, 800)
+    fits = [MLPClassifier(max_epochs=8, random_state=s, trainer=FAST).fit(X[train], y[train], groups=donors[train])
+            for s in (0, 0, 1)]
+    accuracy = (fits[0].predict(X[test]) == y[test]).mean()
+    assert accuracy > 0.9, accuracy
+    p0, p1, p2 = (f.predict_proba(X[test]) for f in fits)
+    np.testing.assert_array_equal(p0, p1)
+    pd.testing.assert_frame_equal(pd.DataFrame(fits[0].history_).drop(columns="seconds"),
+                                  pd.DataFrame(fits[1].history_).drop(columns="seconds"))
+    assert not np.array_equal(p0, p2)  # the seed matters
+    assert np.allclose(p0.sum(axis=1), 1) and list(fits[0].classes_) == sorted(set(y))
+    h = pd.DataFrame(fits[0].history_)
+    assert {"train_loss", "val_loss", "val_macro_f1", "val_accuracy"} <= set(h.columns)
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+
+
+def test_mlp_early_stopping_keeps_the_best_epoch(lognorm):
+    X, y, donors = lognorm
+    m = MLPClassifier(max_epochs=60, patience=2, lr=3e-3, trainer=FAST).fit(X, y, groups=donors)
+    h = pd.DataFrame(m.history_)
+    assert m.fit_summary_["stopped_early"] == 1.0 and len(h) < 60
+    assert m.fit_summary_["best_epoch"] == int(h["val_loss"].idxmin())
+    assert m.fit_summary_["best_val_loss"] == pytest.approx(h["val_loss"].min())
+
+
+def test_nan_loss_stops_with_a_clear_error(lognorm):
+    from cellatlas.deep.plans import NonFiniteLossError
+
+    X, y, _ = lognorm
+    bad = X.copy()
+    bad.data[:50] = np.nan
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 0, batch \d+ .*lower 'lr'"):
+        MLPClassifier(max_epochs=3, trainer=FAST).fit(bad, y)
+    assert issubclass(NonFiniteLossError, CellAtlasError)
+
+
+def test_a_fit_never_resumes_from_an_old_checkpoint(lognorm, tmp_path):
+    """A stale checkpoint of other parameters at the output path is replaced, not resumed."""
+    from cellatlas.deep.plans import ClassifierPlan
+
+    X, y, _ = lognorm
+    ckpt = tmp_path / "model.ckpt"
+    MLPClassifier(max_epochs=3, hidden=[16], trainer=FAST).fit(X, y, checkpoint=str(ckpt))
+    assert ClassifierPlan.load_from_checkpoint(ckpt).hparams.hidden == (16,)
+    m = MLPClassifier(max_epochs=2, hidden=[32, 8], trainer=FAST).fit(X, y, checkpoint=str(ckpt))
+    assert [r["epoch"] for r in m.history_] == [0, 1]  # started at epoch 0
+    back = ClassifierPlan.load_from_checkpoint(ckpt)
+    assert back.hparams.hidden == (32, 8)
+    probs = torch.softmax(back.eval()(torch.from_numpy(X[:5].toarray())), 1).detach().numpy()
+    np.testing.assert_allclose(probs, m.predict_proba(X[:5]), atol=1e-5)
+
+
+def test_datamodule_builds_batches_on_the_cpu_without_a_trainer(lognorm):
+    X, y, donors = lognorm
+    dm = CellDataModule(X, y=np.unique(y, return_inverse=True)[1], groups=donors, batch_size=100, val_fraction=0.2)
+    dm.setup("fit")
+    assert dm.device.type == "cpu" and len(dm.fit_rows) + len(dm.val_rows) == X.shape[0]
+    x, yb, c = next(iter(dm.train_dataloader()))
+    assert x.shape == (100, X.shape[1]) and yb.shape == (100,) and c.numel() == 0
+
+
+def test_epochs_reach_the_stage_run_live_and_leave_it_running(lognorm, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    X, y, donors = lognorm
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(exp)
+    MLPClassifier(max_epochs=4, trainer=FAST, tracking={"uri": uri, "run_id": run.info.run_id}).fit(
+        X, y, groups=donors, log_prefix="fold_0")
+    history = client.get_metric_history(run.info.run_id, "fold_0/val_loss")
+    steps = [m.step for m in sorted(history, key=lambda m: m.timestamp)]
+    assert len(steps) == 4 and steps == sorted(steps)  # one value per epoch, at the epoch's last step
+    assert client.get_metric_history(run.info.run_id, "fold_0/val_macro_f1")
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # the stage closes its own run
+
+
+def test_vae_embeds_counts_and_recovers_types(counts):
+    from sklearn.metrics import adjusted_rand_score
+
+    from cellatlas.deep.embedding import LATENT, UMAP, cluster_embedding, train_vae
+
+    model = {"n_latent": 8, "hidden": 64, "n_layers": 1, "dropout": 0.1, "lr": 3e-3, "weight_decay": 1e-6,
+             "kl_warmup_epochs": 3, "max_epochs": 60, "patience": 10, "batch_size": 128, "val_fraction": 0.1,
+             "batch_correct": True}
+    a, b = counts.copy(), counts.copy()
+    ra = train_vae(a, dataset="sim", model=model, trainer=FAST, seed=0)
+    train_vae(b, dataset="sim", model=model, trainer=FAST, seed=0)
+    assert a.obsm[LATENT].shape == (a.n_obs, 8)
+    np.testing.assert_array_equal(a.obsm[LATENT], b.obsm[LATENT])  # same seed, same embedding
+    h = pd.DataFrame(ra.history)
+    assert h["val_loss"].min() < h["val_loss"].iloc[0]
+    assert ra.plan.hparams.n_batches == 2 and len(ra.plan.hparams.batches) == 2
+    table = cluster_embedding(a, n_neighbors=15, resolutions=[0.1], umap_min_dist=0.5)
+    assert a.obsm[UMAP].shape == (a.n_obs, 2) and "vae_leiden_r0.1" in a.obs
+    assert table.loc[0, "ari_vae"] > 0.8, table
+    assert adjusted_rand_score(a.obs[keys.LABEL], a.obs["vae_leiden_r0.1"]) == pytest.approx(table.loc[0, "ari_vae"])
+    # without the batch in encoder and decoder, the strong batch effect splits every type in two
+    c = counts.copy()
+    train_vae(c, dataset="sim", model={**model, "batch_correct": False}, trainer=FAST, seed=0)
+    plain = cluster_embedding(c, n_neighbors=15, resolutions=[0.1], umap_min_dist=0.5)
+    assert plain.loc[0, "ari_vae"] < table.loc[0, "ari_vae"] - 0.3, (plain, table)
+
+
+def test_vae_needs_counts(counts):
+    from cellatlas.deep.embedding import train_vae
+
+    a = counts.copy()
+    del a.layers[keys.COUNTS_LAYER]
+    with pytest.raises(InputDataError, match="dataset 'sim': has no raw counts"):
+        train_vae(a, dataset="sim", model={}, trainer=FAST)
+
+
+def test_vae_checkpoint_carries_genes_and_encodes_a_new_batch(counts, tmp_path):
+    from cellatlas.deep.embedding import load_vae, train_vae
+
+    model = {"n_latent": 4, "hidden": 32, "n_layers": 1, "dropout": 0.0, "lr": 1e-3, "weight_decay": 0.0,
+             "kl_warmup_epochs": 0, "max_epochs": 2, "patience": 2, "batch_size": 256, "val_fraction": 0.1,
+             "batch_correct": True}
+    a = counts.copy()
+    train_vae(a, dataset="sim", model=model, trainer=FAST, checkpoint=str(tmp_path / "vae.ckpt"))
+    plan = load_vae(tmp_path / "vae.ckpt")
+    assert len(plan.hparams.genes) == 300 and plan.hparams.n_batches == 2
+    x = torch.from_numpy(a.layers[keys.COUNTS_LAYER][:6].toarray().astype(np.float32))
+    seen, _ = plan.net.encode(x, torch.zeros(6, dtype=torch.long))
+    unseen, _ = plan.net.encode(x, torch.full((6,), 7))  # a batch the model never saw: no batch vector
+    assert seen.shape == unseen.shape == (6, 4) and torch.isfinite(unseen).all()

@@ -1,0 +1,75 @@
+# Lightning models. An mlp is one more model of a classify task: same folds, same metrics, same
+# comparison table as the scikit-learn models, but trained by Lightning and allowed a GPU. The
+# VAE learns an embedding of a dataset's counts, clustered and compared with the PCA one.
+# Both declare gpu=1: under the SLURM profile that sends them to a GPU partition; a local run
+# (no --resources gpu=...) does not limit it and Lightning takes what is there.
+
+
+rule train_mlp:
+    input:
+        h5ad="results/{dataset}/normalize.h5ad",
+        folds="results/{dataset}/classify/{task}/folds.tsv.gz",
+        meta="results/{dataset}/classify/{task}/task.json",
+    output:
+        folds="results/{dataset}/classify/{task}/models/{model}/folds.tsv",
+        per_class="results/{dataset}/classify/{task}/models/{model}/per_class.tsv",
+        confusion="results/{dataset}/classify/{task}/models/{model}/confusion.tsv",
+        figure=report(
+            "results/{dataset}/classify/{task}/models/{model}/confusion.png",
+            category="Classifiers",
+            subcategory="{dataset} {task}",
+        ),
+        predictions="results/{dataset}/classify/{task}/models/{model}/predictions.tsv.gz",
+        importance="results/{dataset}/classify/{task}/models/{model}/importance.tsv",
+        model="results/{dataset}/classify/{task}/models/{model}/model.joblib",
+        checkpoint="results/{dataset}/classify/{task}/models/{model}/model.ckpt",
+        run="results/{dataset}/classify/{task}/models/{model}/run.json",
+    wildcard_constraints:
+        model=model_pattern(deep=True),
+    params:
+        model=get_model_params,
+        features=config["classify"]["features"],
+        importance=config["classify"]["importance"],
+        trainer=config["train"]["trainer"],
+        seed=config["seed"],
+    threads: 4
+    resources:
+        gpu=1,
+    log:
+        "results/{dataset}/logs/classify/{task}/{model}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/classify/{task}/{model}.tsv"
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/train_mlp.py"
+
+
+rule train_vae:
+    input:
+        "results/{dataset}/cluster.h5ad",
+    output:
+        h5ad="results/{dataset}/train/vae/embedding.h5ad",
+        clusters="results/{dataset}/train/vae/clusters.tsv",
+        history="results/{dataset}/train/vae/history.tsv",
+        curves=report("results/{dataset}/train/vae/curves.png", category="Training", subcategory="{dataset}"),
+        umap=report("results/{dataset}/train/vae/umap.png", category="Training", subcategory="{dataset}"),
+        checkpoint="results/{dataset}/train/vae/model.ckpt",
+        run="results/{dataset}/train/vae/run.json",
+    params:
+        model=config["train"]["embedding"],
+        trainer=config["train"]["trainer"],
+        embed=config["embed"],
+        cluster=config["cluster"],
+        seed=config["seed"],
+    threads: 4
+    resources:
+        gpu=1,
+    log:
+        "results/{dataset}/logs/train_vae.log",
+    benchmark:
+        "results/{dataset}/benchmarks/train_vae.tsv"
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/train_vae.py"

@@ -1,0 +1,167 @@
+"""The learned embedding: a negative-binomial VAE on a dataset's counts, its latent space
+clustered and mapped like the PCA embedding, and the two compared against the labels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellatlas import keys
+from cellatlas.errors import CellAtlasError, InputDataError
+
+log = logging.getLogger(__name__)
+
+#: obsm keys written
+LATENT = "X_vae"
+UMAP = "X_umap_vae"
+
+
+def vae_leiden_key(resolution: float) -> str:
+    return "vae_" + keys.leiden_key(resolution)
+
+
+def training_matrix(adata, *, dataset: str, hvg_only: bool = True):
+    """Counts (CSR float32) of the genes the VAE reads, and those genes' names."""
+    if keys.COUNTS_LAYER not in adata.layers:
+        raise InputDataError(dataset, "has no raw counts (its values are log-normalized); the VAE's negative-binomial "
+                                      "likelihood needs counts: leave it out of train.embedding.datasets")
+    genes = adata.var_names
+    X = adata.layers[keys.COUNTS_LAYER]
+    if hvg_only and "highly_variable" in adata.var and adata.var["highly_variable"].any():
+        mask = adata.var["highly_variable"].to_numpy()
+        X, genes = X[:, mask], genes[mask]
+    X = sp.csr_matrix(X, dtype=np.float32)
+    return X, list(map(str, genes))
+
+
+def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping[str, Any], seed: int = 0,
+              tracking: Mapping[str, str] | None = None, checkpoint: str | None = None):
+    """Train the VAE on ``adata``'s counts; ``obsm[LATENT]`` gets the posterior means.
+
+    ``model`` is the config's ``train.embedding`` block (architecture, optimizer, epochs,
+    ``batch_size``, ``val_fraction``, ``batch_correct``). Validation cells are whole donors when
+    the dataset has enough of them. Returns the :class:`~cellatlas.deep.training.FitResult`.
+    """
+    from cellatlas.deep.data import CellDataModule, CSRTensors, SparseBatches
+    from cellatlas.deep.plans import VAEPlan
+    from cellatlas.deep.training import TrainerSettings, fit, seed as seed_all
+
+    X, genes = training_matrix(adata, dataset=dataset)
+    batches, codes = None, None
+    if model.get("batch_correct", True) and keys.BATCH in adata.obs and adata.obs[keys.BATCH].nunique() > 1:
+        cat = pd.Categorical(adata.obs[keys.BATCH].astype(str))
+        batches, codes = list(map(str, cat.categories)), cat.codes.astype(np.int64)
+    groups = adata.obs[keys.DONOR].astype(str).to_numpy() if keys.DONOR in adata.obs else None
+    settings = TrainerSettings.from_mapping(trainer)
+    settings.max_epochs, settings.patience = model["max_epochs"], model["patience"]
+    seed_all(seed)
+    plan = VAEPlan(
+        n_genes=X.shape[1], n_latent=model["n_latent"], hidden=model["hidden"], n_layers=model["n_layers"],
+        n_batches=len(batches or []), dropout=model["dropout"], lr=model["lr"], weight_decay=model["weight_decay"],
+        kl_warmup_epochs=model["kl_warmup_epochs"], encoder_input=model.get("encoder_input", "log1p"), kl_weight=model.get("kl_weight", 1.0), genes=genes, batches=batches,
+    )
+    data = CellDataModule(X, covariate=codes, groups=groups, val_fraction=model["val_fraction"],
+                          batch_size=model["batch_size"], seed=seed, on_device=settings.data_on_device)
+    try:
+        result = fit(plan, data, settings, tracking=tracking, prefix="vae", checkpoint=checkpoint)
+    except CellAtlasError as e:
+        raise InputDataError(dataset, f"VAE: {e}") from None
+    plan = result.plan.cpu()
+    every = SparseBatches(CSRTensors.from_scipy(X), np.arange(X.shape[0]), covariate=codes, batch_size=4096)
+    adata.obsm[LATENT] = plan.embed(every)
+    return result
+
+
+def cluster_embedding(adata, *, n_neighbors: int, resolutions: list[float], umap_min_dist: float, seed: int = 0):
+    """kNN graph, Leiden and UMAP on ``obsm[LATENT]``; returns a table comparing the VAE's and
+    the PCA embedding's clusters (``obs[leiden_r*]``) with the labels at each resolution."""
+    import anndata as ad
+    import scanpy as sc
+
+    from cellatlas.cluster import agreement, leiden
+
+    emb = ad.AnnData(obs=adata.obs[[c for c in (keys.LABEL,) if c in adata.obs]].copy(),
+                     obsm={LATENT: adata.obsm[LATENT]})
+    sc.pp.neighbors(emb, n_neighbors=n_neighbors, use_rep=LATENT, random_state=seed)
+    leiden(emb, resolutions=resolutions, seed=seed)
+    sc.tl.umap(emb, min_dist=umap_min_dist, random_state=seed)
+    vae = agreement(emb, resolutions=resolutions)
+    for r in resolutions:
+        adata.obs[vae_leiden_key(r)] = emb.obs[keys.leiden_key(r)].to_numpy()
+    adata.obsm[UMAP] = emb.obsm["X_umap"]
+    have_pca = all(keys.leiden_key(r) in adata.obs for r in resolutions)
+    pca = agreement(adata, resolutions=resolutions) if have_pca else None
+    table = vae.rename(columns={c: f"{c}_vae" for c in ("n_clusters", "ari", "nmi")})
+    if pca is not None:
+        table = table.merge(pca[["resolution", "n_clusters", "ari", "nmi"]].rename(
+            columns={c: f"{c}_pca" for c in ("n_clusters", "ari", "nmi")}), on="resolution")
+    return table
+
+
+def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model: Mapping[str, Any],
+                  trainer: Mapping[str, Any], embed: Mapping[str, Any], cluster: Mapping[str, Any], seed: int = 0,
+                  run=None) -> dict[str, Any]:
+    """The train_vae rule: train, encode, cluster, plot; write every output; return the summary."""
+    import anndata as ad
+
+    from cellatlas import plotting
+
+    adata = ad.read_h5ad(h5ad)
+    tracking = {"uri": run.uri, "run_id": run.run_id} if run is not None and run.uri else None
+    result = train_vae(adata, dataset=dataset, model=model, trainer=trainer, seed=seed, tracking=tracking,
+                       checkpoint=outputs["checkpoint"])
+    resolutions = list(cluster["resolutions"])
+    table = cluster_embedding(adata, n_neighbors=embed["n_neighbors"], resolutions=resolutions,
+                              umap_min_dist=embed["umap_min_dist"], seed=seed)
+    table.to_csv(outputs["clusters"], sep="\t", index=False)
+    history = pd.DataFrame(result.history)
+    history.to_csv(outputs["history"], sep="\t", index=False)
+    plotting.training_curves(history, outputs["curves"], title=f"{dataset}: VAE ({result.device}, {result.precision})")
+
+    colors = {}
+    for key in (keys.LABEL, keys.BATCH):
+        if key in adata.obs:
+            colors[key] = adata.obs[key]
+    r = cluster["marker_resolution"]
+    colors[vae_leiden_key(r)] = adata.obs[vae_leiden_key(r)]
+    plotting.embedding(adata.obsm[UMAP], colors, outputs["umap"], basis="UMAP",
+                       title=f"{dataset}: UMAP of the VAE's {adata.obsm[LATENT].shape[1]}-d latent space")
+
+    out = ad.AnnData(obs=adata.obs.copy(), obsm={k: adata.obsm[k] for k in (LATENT, UMAP, "X_pca", "X_umap") if k in adata.obsm})
+    out.uns[keys.UNS_KEY] = {"train_vae": {"params": {k: v for k, v in model.items()}, "genes": len(result.plan.hparams.genes)}}
+    out.write_h5ad(outputs["h5ad"])
+
+    summary: dict[str, Any] = {**result.summary(), "device": result.device, "precision": result.precision,
+                               "validation_split": result.split, "n_genes": int(result.plan.hparams.n_genes),
+                               "n_latent": int(model["n_latent"]), "n_batches": int(result.plan.hparams.n_batches)}
+    for row in table.itertuples(index=False):
+        summary[f"n_clusters_r{row.resolution:g}"] = int(row.n_clusters_vae)
+        if not np.isnan(row.ari_vae):
+            summary[f"ari_r{row.resolution:g}"] = float(row.ari_vae)
+            summary[f"nmi_r{row.resolution:g}"] = float(row.nmi_vae)
+    if table["ari_vae"].notna().any():
+        best = table.loc[table["ari_vae"].idxmax()]
+        summary["best_ari"] = float(best["ari_vae"])
+        summary["best_ari_resolution"] = float(best["resolution"])
+        if "ari_pca" in table:
+            summary["best_ari_pca"] = float(table["ari_pca"].max())
+    log.info("%s", table.to_string(index=False))
+    if run is not None:
+        run.log_metrics(summary)
+        for key in ("clusters", "history", "curves", "umap", "checkpoint"):
+            run.log_artifact(outputs[key])
+        run.log_torch_model(result.plan.net, name="model")
+    return summary
+
+
+def load_vae(checkpoint: str | Path):
+    """The trained plan of a ``model.ckpt`` (hyperparameters, gene names and batches included)."""
+    from cellatlas.deep.plans import VAEPlan
+
+    return VAEPlan.load_from_checkpoint(str(checkpoint), map_location="cpu")

@@ -1,0 +1,199 @@
+"""The Trainer as the pipeline runs it, and a fit that always starts fresh and returns the best model.
+
+* ``accelerator="auto"``: the GPU of a GPU node, else the CPU; ``precision="auto"``: bf16-mixed
+  on a GPU that has bf16, full 32-bit elsewhere.
+* Early stopping on the validation loss; the best epoch's checkpoint is kept and restored.
+* Never resumes: every fit writes its checkpoints into a fresh directory, so a rerun after a
+  kill cannot pick up a stale checkpoint of other parameters.
+* Live metrics: Lightning's MLflow logger writes into the stage's own run (explicit tracking
+  URI; the run's lifecycle stays with the stage, so the logger never closes it).
+* No progress bars (they garble non-interactive logs); the log gets one line per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from cellatlas.deep.plans import VAL_LOSS, TRAIN_LOSS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerSettings:
+    """How a model is trained (the config's ``train.trainer`` block, plus the model's own epochs)."""
+
+    max_epochs: int = 50
+    patience: int = 5
+    min_delta: float = 0.0
+    max_time_minutes: float | None = None
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    deterministic: bool = True
+    data_on_device: bool | str = "auto"
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> TrainerSettings:
+        names = {f.name for f in fields(cls)}
+        values = dict(values or {})
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown trainer settings {sorted(unknown)} (settings: {sorted(names - {'extra'})})")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+class StageRunLogger(MLFlowLogger):
+    """Lightning's MLflow logger bound to an existing run that the stage owns.
+
+    Metric keys are ``<prefix>/<name>`` (MLflow's UI groups charts by the part before ``/``);
+    hyperparameters are logged by the stage, once, not by every fit.
+    """
+
+    LOGGER_JOIN_CHAR = "/"
+
+    def __init__(self, *, tracking_uri: str, run_id: str, prefix: str = ""):
+        super().__init__(tracking_uri=tracking_uri, run_id=run_id, prefix=prefix)
+
+    def log_hyperparams(self, params) -> None:  # noqa: D102
+        pass
+
+    def finalize(self, status: str = "success") -> None:  # noqa: D102
+        pass  # the stage ends its run (FINISHED or FAILED); a fit ending must not
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:  # noqa: D102
+        pass  # the best checkpoint is a declared output, logged once by the stage
+
+
+class History(Callback):
+    """Every epoch's logged metrics, kept in memory and written to the job's log."""
+
+    def __init__(self, label: str = ""):
+        self.label = label
+        self.rows: list[dict[str, float]] = []
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        row = {"epoch": trainer.current_epoch, "seconds": time.perf_counter() - self._t0}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.rows.append(row)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch",))
+        log.info("%sepoch %d: %s", f"{self.label} " if self.label else "", row["epoch"], shown)
+
+
+@dataclass
+class FitResult:
+    plan: L.LightningModule
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_score: float | None
+    epochs: int
+    stopped_early: bool
+    seconds: float
+    precision: str
+    device: str
+    split: str
+
+    def summary(self, prefix: str = "") -> dict[str, float | str]:
+        p = f"{prefix}_" if prefix else ""
+        out = {f"{p}epochs": self.epochs, f"{p}best_epoch": self.best_epoch, f"{p}stopped_early": float(self.stopped_early),
+               f"{p}train_seconds": self.seconds}
+        if self.best_score is not None:
+            out[f"{p}best_{VAL_LOSS}"] = self.best_score
+        return out
+
+
+def seed(value: int) -> None:
+    """Seed Python, NumPy and torch; call it before a plan is built (its initial weights)."""
+    L.seed_everything(value, workers=True, verbose=False)
+
+
+def make_logger(tracking: Mapping[str, str] | None, prefix: str) -> StageRunLogger | bool:
+    if not tracking:
+        return False
+    return StageRunLogger(tracking_uri=tracking["uri"], run_id=tracking["run_id"], prefix=prefix)
+
+
+def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerSettings, *,
+        tracking: Mapping[str, str] | None = None, prefix: str = "", checkpoint: str | Path | None = None) -> FitResult:
+    """Train ``plan`` on ``data`` from scratch; restore and return its best epoch.
+
+    The caller seeds (:func:`seed`) before building ``plan``; dropout and the batch order then
+    follow from that seed (same seed, same numbers on the CPU).
+
+    ``tracking`` (``{"uri", "run_id"}``) sends every epoch's metrics, as ``<prefix>/<metric>``,
+    to that run while training runs. ``checkpoint``: where the best checkpoint is copied.
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    data.setup("fit")
+    has_val = len(getattr(data, "val_rows", [1])) > 0
+    monitor = VAL_LOSS if has_val else TRAIN_LOSS
+    history = History(prefix)
+    precision = resolve_precision(settings.precision, settings.accelerator)
+    scratch = Path(tempfile.mkdtemp(prefix="cellatlas-ckpt-"))
+    try:
+        ckpt = ModelCheckpoint(dirpath=scratch, filename="best", monitor=monitor, mode="min", save_top_k=1,
+                               enable_version_counter=False)
+        stop = EarlyStopping(monitor=monitor, mode="min", patience=settings.patience, min_delta=settings.min_delta,
+                             check_finite=True)
+        max_time = {"minutes": settings.max_time_minutes} if settings.max_time_minutes else None
+        trainer = L.Trainer(
+            accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy, precision=precision,
+            max_epochs=settings.max_epochs, max_time=max_time, deterministic=settings.deterministic,
+            callbacks=[history, stop, ckpt], logger=make_logger(tracking, prefix), enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=scratch,
+            **settings.extra,
+        )
+        t0 = time.perf_counter()
+        trainer.fit(plan, datamodule=data)
+        seconds = time.perf_counter() - t0
+        best = ckpt.best_model_path
+        best_epoch = trainer.current_epoch - 1
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=False)
+            plan.load_state_dict(state["state_dict"])
+            best_epoch = int(state["epoch"])
+            if checkpoint is not None:
+                shutil.copyfile(best, checkpoint)
+        elif checkpoint is not None:
+            trainer.save_checkpoint(checkpoint)
+        score = ckpt.best_model_score
+        result = FitResult(
+            plan=plan, history=history.rows, best_epoch=best_epoch, best_score=None if score is None else float(score),
+            epochs=trainer.current_epoch, stopped_early=stop.stopped_epoch > 0, seconds=seconds, precision=precision,
+            device=str(trainer.strategy.root_device), split=getattr(data, "split_kind", "") or "",
+        )
+        log.info("%s: %d epochs on %s (%s), best epoch %d, %s %.4g, %.1f s", prefix or "fit", result.epochs,
+                 result.device, precision, result.best_epoch, monitor, result.best_score or float("nan"), seconds)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
