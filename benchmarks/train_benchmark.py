@@ -36,7 +36,6 @@ def make_data(out: Path, cells: int, genes: int) -> Path:
         return path
     import numpy as np
     import scipy.sparse as sp
-
     from cellatlas.simulate import simulate_counts
 
     a = simulate_counts(n_cells=cells, n_genes=genes, n_types=10, n_donors=20, n_batches=4, seed=0)
@@ -64,7 +63,6 @@ def run_one(args) -> dict:
     import lightning.pytorch as L
     import numpy as np
     import torch
-
     from cellatlas.deep.data import CellDataModule, NaiveCellDataset
     from cellatlas.deep.plans import ClassifierPlan, VAEPlan
     from cellatlas.deep.training import TrainerSettings, fit, seed
@@ -78,7 +76,9 @@ def run_one(args) -> dict:
     labels = y if args.model == "mlp" else None
 
     class Naive(L.LightningDataModule):
-        val_rows: list = []
+        def __init__(self):
+            super().__init__()
+            self.val_rows = []  # no validation: the epoch is training only, as in the fast path
 
         def train_dataloader(self):
             return torch.utils.data.DataLoader(NaiveCellDataset(X, labels), batch_size=args.batch_size, shuffle=True,

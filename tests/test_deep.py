@@ -7,11 +7,16 @@ import scipy.sparse as sp
 
 torch = pytest.importorskip("torch")
 
-from cellatlas import keys  # noqa: E402
-from cellatlas.deep.data import CellDataModule, CSRTensors, SparseBatches, validation_split  # noqa: E402
-from cellatlas.deep.estimator import MLPClassifier  # noqa: E402
-from cellatlas.deep.modules import nb_log_likelihood  # noqa: E402
-from cellatlas.errors import CellAtlasError, InputDataError  # noqa: E402
+from cellatlas import keys
+from cellatlas.deep.data import (
+    CellDataModule,
+    CSRTensors,
+    SparseBatches,
+    validation_split,
+)
+from cellatlas.deep.estimator import MLPClassifier
+from cellatlas.deep.modules import nb_log_likelihood
+from cellatlas.errors import CellAtlasError, InputDataError
 
 FAST = {"threads": 1}
 
@@ -19,7 +24,6 @@ FAST = {"threads": 1}
 @pytest.fixture(scope="module")
 def lognorm():
     import scanpy as sc
-
     from cellatlas.simulate import simulate_counts
 
     a = simulate_counts(n_cells=800, n_genes=300, n_types=4, n_donors=6, n_batches=2, seed=11)
@@ -72,6 +76,17 @@ def test_batches_cover_every_row_once_per_epoch_in_a_seeded_order():
     seen = [np.concatenate([y.numpy() for _, y, _ in s]) for s in shares]
     assert len({len(s) for s in seen}) == 1 and len({len(s) for s in shares}) == 1
     assert set(np.concatenate(seen)) == set(rows)
+
+
+def test_a_last_batch_of_one_cell_joins_the_one_before(lognorm):
+    """BatchNorm cannot train on one cell; the batch count must still match what is yielded
+    (Lightning runs validation on the batch it believes is the last)."""
+    X, y, _ = lognorm
+    b = SparseBatches(CSRTensors.from_scipy(X[:53]), np.arange(53), batch_size=26, shuffle=True)
+    sizes = [x.shape[0] for x, _, _ in b]
+    assert sizes == [26, 27] and len(b) == 2
+    fitted = MLPClassifier(batch_size=26, max_epochs=2, val_fraction=0.1, trainer=FAST).fit(X[:30], y[:30])
+    assert len(fitted.history_) == 2 and "val_loss" in fitted.history_[0]  # 27 training cells: 26 + 1
 
 
 def test_validation_holds_out_whole_donors_when_there_are_enough():
@@ -176,9 +191,8 @@ def test_epochs_reach_the_stage_run_live_and_leave_it_running(lognorm, tmp_path)
 
 
 def test_vae_embeds_counts_and_recovers_types(counts):
-    from sklearn.metrics import adjusted_rand_score
-
     from cellatlas.deep.embedding import LATENT, UMAP, cluster_embedding, train_vae
+    from sklearn.metrics import adjusted_rand_score
 
     model = {"n_latent": 8, "hidden": 64, "n_layers": 1, "dropout": 0.1, "lr": 3e-3, "weight_decay": 1e-6,
              "kl_warmup_epochs": 3, "max_epochs": 60, "patience": 10, "batch_size": 128, "val_fraction": 0.1,

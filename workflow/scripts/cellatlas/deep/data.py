@@ -95,21 +95,29 @@ class SparseBatches:
             rows = rows[torch.randperm(rows.numel(), generator=g).to(rows.device)]
             self.epoch += 1
         if self.world_size > 1:
-            per = math.ceil(rows.numel() / self.world_size)
-            rows = torch.cat([rows, rows[: per * self.world_size - rows.numel()]])
+            n = rows.numel()
+            pad = math.ceil(n / self.world_size) * self.world_size - n
+            if pad:  # like DistributedSampler: repeat rows until every process has as many
+                rows = torch.cat([rows, rows.repeat(math.ceil(pad / n))[:pad]])
             rows = rows[self.rank::self.world_size]
         return rows
 
+    def _starts(self, n: int) -> list[int]:
+        starts = list(range(0, n, self.batch_size))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            # a batch of one cell has no batch statistics (BatchNorm): it joins the batch before
+            starts.pop()
+        return starts
+
     def __len__(self) -> int:
-        n = math.ceil(self.rows.numel() / self.world_size)
-        return math.ceil(n / self.batch_size)
+        return len(self._starts(math.ceil(self.rows.numel() / self.world_size)))
 
     def __iter__(self):
         order = self._order()
-        for start in range(0, order.numel(), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            if self.shuffle and idx.numel() == 1 and order.numel() > 1:
-                continue  # a training batch of one cell has no batch statistics (BatchNorm); it is dropped
+        starts = self._starts(order.numel())
+        for i, start in enumerate(starts):
+            stop = starts[i + 1] if i + 1 < len(starts) else order.numel()
+            idx = order[start:stop]
             x = self.X.rows(idx)
             y = self.y[idx] if self.y is not None else torch.empty(0, dtype=torch.long, device=x.device)
             c = self.covariate[idx] if self.covariate is not None else torch.empty(0, dtype=torch.long, device=x.device)
@@ -124,7 +132,12 @@ def validation_split(n_rows: int, *, y: np.ndarray | None, groups: np.ndarray | 
     are at least ``1 / fraction`` groups, so early stopping rewards what generalizes to new donors;
     otherwise a stratified (or plain) random share of cells.
     """
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedShuffleSplit, ShuffleSplit
+    from sklearn.model_selection import (
+        GroupShuffleSplit,
+        ShuffleSplit,
+        StratifiedGroupKFold,
+        StratifiedShuffleSplit,
+    )
 
     if fraction <= 0 or n_rows < 10:
         return np.arange(n_rows), np.empty(0, dtype=np.int64), "none"
@@ -186,12 +199,19 @@ class CellDataModule(L.LightningDataModule):
                  nbytes / 2**30)
         return torch.device("cpu")
 
+    def split(self) -> None:
+        """Make the training/validation split (once; seeded)."""
+        if self.fit_rows is None:
+            self.fit_rows, self.val_rows, self.split_kind = validation_split(
+                self.X.shape[0], y=self.y, groups=self.groups, fraction=self.val_fraction, seed=self.seed)
+
     def setup(self, stage: str | None = None) -> None:
-        if self.fit_rows is not None:
+        self.split()
+        # called again once the Trainer is attached: only then is the accelerator known
+        device = self._choose_device()
+        if getattr(self, "tensors", None) is not None and device == self.device:
             return
-        self.fit_rows, self.val_rows, self.split_kind = validation_split(
-            self.X.shape[0], y=self.y, groups=self.groups, fraction=self.val_fraction, seed=self.seed)
-        self.device = self._choose_device()
+        self.device = device
         self.tensors = CSRTensors.from_scipy(self.X, self.device)
         log.info("%d training and %d validation cells (%s split); matrix on %s (%.1f MiB)", len(self.fit_rows),
                  len(self.val_rows), self.split_kind, self.device, self.tensors.nbytes / 2**20)

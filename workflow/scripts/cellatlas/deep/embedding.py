@@ -50,7 +50,8 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
     """
     from cellatlas.deep.data import CellDataModule, CSRTensors, SparseBatches
     from cellatlas.deep.plans import VAEPlan
-    from cellatlas.deep.training import TrainerSettings, fit, seed as seed_all
+    from cellatlas.deep.training import TrainerSettings, fit
+    from cellatlas.deep.training import seed as seed_all
 
     X, genes = training_matrix(adata, dataset=dataset)
     batches, codes = None, None

@@ -108,9 +108,10 @@ class NBVAE(nn.Module):
     def forward(self, x: torch.Tensor, batch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Reconstruction log-likelihood and KL divergence per cell."""
         mean, log_var = self.encode(x, batch)
+        mean, log_var = mean.float(), log_var.float()  # the KL and the sample in float32 under autocast
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var) if self.training else mean
         proportions = torch.softmax(self.decoder(self._with_batch(z, batch)).float(), dim=-1)
         library = x.float().sum(dim=1, keepdim=True)
         ll = nb_log_likelihood(x, proportions * library, torch.exp(self.log_theta)).sum(dim=1)
-        kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).float().sum(dim=1)
+        kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(dim=1)
         return {"reconstruction": -ll, "kl": kl, "z": mean}

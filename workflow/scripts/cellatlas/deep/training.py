@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from cellatlas.deep.plans import VAL_LOSS, TRAIN_LOSS
+from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,13 @@ class StageRunLogger(MLFlowLogger):
     def __init__(self, *, tracking_uri: str, run_id: str, prefix: str = ""):
         super().__init__(tracking_uri=tracking_uri, run_id=run_id, prefix=prefix)
 
-    def log_hyperparams(self, params) -> None:  # noqa: D102
+    def log_hyperparams(self, params) -> None:
         pass
 
-    def finalize(self, status: str = "success") -> None:  # noqa: D102
+    def finalize(self, status: str = "success") -> None:
         pass  # the stage ends its run (FINISHED or FAILED); a fit ending must not
 
-    def after_save_checkpoint(self, checkpoint_callback) -> None:  # noqa: D102
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
         pass  # the best checkpoint is a declared output, logged once by the stage
 
 
@@ -154,7 +154,8 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
     """
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    data.setup("fit")
+    if hasattr(data, "split"):
+        data.split()
     has_val = len(getattr(data, "val_rows", [1])) > 0
     monitor = VAL_LOSS if has_val else TRAIN_LOSS
     history = History(prefix)
@@ -182,10 +183,12 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
             state = torch.load(best, map_location="cpu", weights_only=False)
             plan.load_state_dict(state["state_dict"])
             best_epoch = int(state["epoch"])
-            if checkpoint is not None:
+            if checkpoint is not None and trainer.is_global_zero:
                 shutil.copyfile(best, checkpoint)
         elif checkpoint is not None:
-            trainer.save_checkpoint(checkpoint)
+            trainer.save_checkpoint(checkpoint)  # writes on global rank 0 only
+        # under data parallel the best path is rank 0's scratch directory: no one deletes it early
+        trainer.strategy.barrier("cellatlas-fit-done")
         score = ckpt.best_model_score
         result = FitResult(
             plan=plan, history=history.rows, best_epoch=best_epoch, best_score=None if score is None else float(score),
