@@ -58,12 +58,33 @@ def load(path: Path, which: str):
     return sp.csr_matrix((data, z["counts_indices"], z["counts_indptr"]), shape=tuple(z["shape"])), z["labels"]
 
 
+def naive_dataset(X, y):
+    """The baseline: the usual per-cell ``Dataset`` (built here, so torch is imported only when run)."""
+    import numpy as np
+    import scipy.sparse as sp
+    import torch
+
+    class NaiveCellDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.X = sp.csr_matrix(X, dtype=np.float32)
+
+        def __len__(self) -> int:
+            return self.X.shape[0]
+
+        def __getitem__(self, i: int):
+            x = torch.from_numpy(self.X[i].toarray().ravel())
+            label = torch.tensor(y[i] if y is not None else 0, dtype=torch.long)
+            return x, label, torch.empty(0, dtype=torch.long)
+
+    return NaiveCellDataset()
+
+
 def run_one(args) -> dict:
     """One configuration, in this process."""
     import lightning.pytorch as L
     import numpy as np
     import torch
-    from cellatlas.deep.data import CellDataModule, NaiveCellDataset
+    from cellatlas.deep.data import CellDataModule
     from cellatlas.deep.plans import ClassifierPlan, VAEPlan
     from cellatlas.deep.training import TrainerSettings, fit, seed
 
@@ -81,7 +102,7 @@ def run_one(args) -> dict:
             self.val_rows = []  # no validation: the epoch is training only, as in the fast path
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(NaiveCellDataset(X, labels), batch_size=args.batch_size, shuffle=True,
+            return torch.utils.data.DataLoader(naive_dataset(X, labels), batch_size=args.batch_size, shuffle=True,
                                                num_workers=args.workers, persistent_workers=args.workers > 0)
 
         def val_dataloader(self):

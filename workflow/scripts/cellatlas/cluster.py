@@ -56,6 +56,22 @@ def agreement(adata, *, resolutions: list[float]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["resolution", "n_clusters", "n_labelled", "ari", "nmi"])
 
 
+def agreement_summary(table: pd.DataFrame) -> dict[str, float]:
+    """Metrics of an :func:`agreement` table: ``n_clusters_r<res>``, ``ari_r<res>``, ``nmi_r<res>``,
+    ``best_ari`` and ``best_ari_resolution`` (the last four only with labels)."""
+    summary: dict[str, float] = {}
+    for row in table.itertuples(index=False):
+        summary[f"n_clusters_r{row.resolution:g}"] = row.n_clusters
+        if not np.isnan(row.ari):
+            summary[f"ari_r{row.resolution:g}"] = row.ari
+            summary[f"nmi_r{row.resolution:g}"] = row.nmi
+    if table["ari"].notna().any():
+        best = table.loc[table["ari"].idxmax()]
+        summary["best_ari"] = float(best["ari"])
+        summary["best_ari_resolution"] = float(best["resolution"])
+    return summary
+
+
 def markers(adata, *, resolution: float, method: str = "wilcoxon", n_genes: int = 25) -> pd.DataFrame:
     """Marker genes of each cluster at ``resolution`` against the rest, on log-normalized ``X``.
 
@@ -95,16 +111,7 @@ def cluster(
     leiden(adata, resolutions=resolutions, seed=seed)
     table = agreement(adata, resolutions=resolutions)
     marker_table = markers(adata, resolution=marker_resolution, method=marker_method, n_genes=marker_n_genes)
-    summary = {}
-    for row in table.itertuples(index=False):
-        summary[f"n_clusters_r{row.resolution:g}"] = row.n_clusters
-        if not np.isnan(row.ari):
-            summary[f"ari_r{row.resolution:g}"] = row.ari
-            summary[f"nmi_r{row.resolution:g}"] = row.nmi
-    if table["ari"].notna().any():
-        best = table.loc[table["ari"].idxmax()]
-        summary["best_ari"] = float(best["ari"])
-        summary["best_ari_resolution"] = float(best["resolution"])
+    summary = agreement_summary(table)
     adata.uns[keys.UNS_KEY]["cluster"] = {
         "params": {
             "resolutions": list(map(float, resolutions)),

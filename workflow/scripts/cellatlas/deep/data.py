@@ -227,19 +227,3 @@ class CellDataModule(L.LightningDataModule):
     def val_dataloader(self):
         # not sharded: every process scores the whole validation set, so no gather is needed
         return self._batches(self.val_rows, shuffle=False, shard=False) if len(self.val_rows) else []
-
-
-class NaiveCellDataset(torch.utils.data.Dataset):
-    """The usual per-cell Dataset (one sparse row per ``__getitem__``): the benchmark's baseline."""
-
-    def __init__(self, X, y: np.ndarray | None = None):
-        self.X = sp.csr_matrix(X, dtype=np.float32)
-        self.y = y
-
-    def __len__(self) -> int:
-        return self.X.shape[0]
-
-    def __getitem__(self, i: int):
-        x = torch.from_numpy(self.X[i].toarray().ravel())
-        y = torch.tensor(self.y[i] if self.y is not None else 0, dtype=torch.long)
-        return x, y, torch.tensor(0, dtype=torch.long)

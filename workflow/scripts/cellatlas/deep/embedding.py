@@ -86,12 +86,13 @@ def cluster_embedding(adata, *, n_neighbors: int, resolutions: list[float], umap
     import scanpy as sc
 
     from cellatlas.cluster import agreement, leiden
+    from cellatlas.embed import umap
 
     emb = ad.AnnData(obs=adata.obs[[c for c in (keys.LABEL,) if c in adata.obs]].copy(),
                      obsm={LATENT: adata.obsm[LATENT]})
     sc.pp.neighbors(emb, n_neighbors=n_neighbors, use_rep=LATENT, random_state=seed)
     leiden(emb, resolutions=resolutions, seed=seed)
-    sc.tl.umap(emb, min_dist=umap_min_dist, random_state=seed)
+    umap(emb, min_dist=umap_min_dist, seed=seed)
     vae = agreement(emb, resolutions=resolutions)
     for r in resolutions:
         adata.obs[vae_leiden_key(r)] = emb.obs[keys.leiden_key(r)].to_numpy()
@@ -112,6 +113,7 @@ def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model:
     import anndata as ad
 
     from cellatlas import plotting
+    from cellatlas.cluster import agreement_summary
 
     adata = ad.read_h5ad(h5ad)
     tracking = {"uri": run.uri, "run_id": run.run_id} if run is not None and run.uri else None
@@ -141,17 +143,10 @@ def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model:
     summary: dict[str, Any] = {**result.summary(), "device": result.device, "precision": result.precision,
                                "validation_split": result.split, "n_genes": int(result.plan.hparams.n_genes),
                                "n_latent": int(model["n_latent"]), "n_batches": int(result.plan.hparams.n_batches)}
-    for row in table.itertuples(index=False):
-        summary[f"n_clusters_r{row.resolution:g}"] = int(row.n_clusters_vae)
-        if not np.isnan(row.ari_vae):
-            summary[f"ari_r{row.resolution:g}"] = float(row.ari_vae)
-            summary[f"nmi_r{row.resolution:g}"] = float(row.nmi_vae)
-    if table["ari_vae"].notna().any():
-        best = table.loc[table["ari_vae"].idxmax()]
-        summary["best_ari"] = float(best["ari_vae"])
-        summary["best_ari_resolution"] = float(best["resolution"])
-        if "ari_pca" in table:
-            summary["best_ari_pca"] = float(table["ari_pca"].max())
+    vae = table.rename(columns={f"{c}_vae": c for c in ("n_clusters", "ari", "nmi")})
+    summary.update(agreement_summary(vae))
+    if "best_ari" in summary and "ari_pca" in table:
+        summary["best_ari_pca"] = float(table["ari_pca"].max())
     log.info("%s", table.to_string(index=False))
     if run is not None:
         run.log_metrics(summary)

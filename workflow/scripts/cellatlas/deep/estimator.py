@@ -101,10 +101,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             input_clip=self.input_clip, lr=self.lr, weight_decay=self.weight_decay, class_weights=weights,
             label_smoothing=self.label_smoothing,
         )
+        settings = self.settings()
         data = CellDataModule(X, y=codes, groups=None if groups is None else np.asarray(groups),
                               val_fraction=self.val_fraction, batch_size=self.batch_size, seed=self.random_state,
-                              on_device=self.settings().data_on_device)
-        result = fit(plan, data, self.settings(), tracking=self.tracking, prefix=log_prefix,
+                              on_device=settings.data_on_device)
+        result = fit(plan, data, settings, tracking=self.tracking, prefix=log_prefix,
                      checkpoint=checkpoint)
         self.net_ = result.plan.net.cpu().eval()
         self.history_ = result.history

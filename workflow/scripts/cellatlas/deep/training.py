@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class TrainerSettings:
     deterministic: bool = True
     data_on_device: bool | str = "auto"
     threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> TrainerSettings:
@@ -54,11 +53,8 @@ class TrainerSettings:
         values = dict(values or {})
         unknown = set(values) - names
         if unknown:
-            raise ValueError(f"unknown trainer settings {sorted(unknown)} (settings: {sorted(names - {'extra'})})")
+            raise ValueError(f"unknown trainer settings {sorted(unknown)} (settings: {sorted(names)})")
         return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -122,12 +118,11 @@ class FitResult:
     device: str
     split: str
 
-    def summary(self, prefix: str = "") -> dict[str, float | str]:
-        p = f"{prefix}_" if prefix else ""
-        out = {f"{p}epochs": self.epochs, f"{p}best_epoch": self.best_epoch, f"{p}stopped_early": float(self.stopped_early),
-               f"{p}train_seconds": self.seconds}
+    def summary(self) -> dict[str, float]:
+        out = {"epochs": self.epochs, "best_epoch": self.best_epoch, "stopped_early": float(self.stopped_early),
+               "train_seconds": self.seconds}
         if self.best_score is not None:
-            out[f"{p}best_{VAL_LOSS}"] = self.best_score
+            out[f"best_{VAL_LOSS}"] = self.best_score
         return out
 
 
@@ -172,7 +167,6 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
             max_epochs=settings.max_epochs, max_time=max_time, deterministic=settings.deterministic,
             callbacks=[history, stop, ckpt], logger=make_logger(tracking, prefix), enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=scratch,
-            **settings.extra,
         )
         t0 = time.perf_counter()
         trainer.fit(plan, datamodule=data)
