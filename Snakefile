@@ -1,5 +1,6 @@
 # The cell-atlas pipeline: raw counts -> QC -> normalization -> embeddings -> clusters, and
 # supervised models with grouped cross-validation, Lightning models (an MLP classifier, a VAE embedding),
+# query datasets mapped onto reference atlases with three methods,
 # every stage a tracked MLflow child run under one parent run per invocation.
 # Run: snakemake --cores all        Config: config/config.yaml (schema: config/schema/)
 
@@ -23,6 +24,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z][A-Za-z0-9_-]*",
     task=r"[A-Za-z][A-Za-z0-9_-]*",
     model=r"[A-Za-z][A-Za-z0-9_-]*",
+    atlas=r"[A-Za-z][A-Za-z0-9_-]*",
 
 
 include: "workflow/rules/ingest.smk"
@@ -32,6 +34,7 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/cluster.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/atlas.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -1,11 +1,10 @@
 import copy
+import re
 
 import pytest
 import yaml
-
 from cellatlas.config import embedding_datasets, validate
 from cellatlas.errors import ConfigError
-
 from conftest import ROOT
 
 SCHEMA = ROOT / "config" / "schema" / "config.schema.yaml"
@@ -116,3 +115,51 @@ def test_lightning_settings_and_models_are_checked_before_any_job():
     cfg["train"] = {}
     validate(cfg, SCHEMA)
     assert embedding_datasets(cfg) == [d for d in cfg["datasets"] if d != "ln"]  # null: every dataset with counts
+
+
+def _atlas_config(spec, datasets=None):
+    sim = {"source": {"kind": "simulate", "n_cells": 100, "n_genes": 100}, "label_key": "cell_type"}
+    cfg = {"datasets": {"ref": dict(sim), "q": dict(sim), **(datasets or {})},
+           "classify": {"tasks": {"ref": {"ct": {"target": "label"}}}}, "atlas": {"atlases": {"a": spec}}}
+    return cfg
+
+
+def test_atlases_resolve_with_defaults_and_find_the_classify_task():
+    from cellatlas.config import atlases
+
+    cfg = validate(_atlas_config({"reference": "ref", "queries": ["q"]}), SCHEMA)
+    spec = atlases(cfg)["a"]
+    assert spec["methods"] == ["projection", "latent", "classifier"] and spec["classify_task"] == "ct"
+    assert spec["label_key"] == "label" and cfg["atlas"]["min_confidence"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "atlas, extra, expected",
+    [
+        ({"reference": "nope", "queries": ["q"]}, {}, "'atlas.atlases.a.reference': 'nope' is not a dataset"),
+        ({"reference": "ref", "queries": ["ref"]}, {}, "'atlas.atlases.a.queries': 'ref' is the atlas's reference"),
+        ({"reference": "ref", "queries": ["q"], "label_key": "donor"}, {}, "reference 'ref' has no donor_key"),
+        ({"reference": "ln", "queries": ["q"], "methods": ["latent"]},
+         {"ln": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}, "values": "lognorm", "label_key": "bulk_labels"}},
+         "method 'latent' needs a VAE trained on the reference's counts"),
+        ({"reference": "q", "queries": ["ref"], "methods": ["classifier"]}, {},
+         "reference 'q' has no classification task with target 'label'"),
+        ({"reference": "ref", "queries": ["q"], "classify_task": "other"}, {},
+         "reference 'ref' has no classification task 'other'"),
+        ({"reference": "ref", "queries": ["q"], "methods": ["vote"]}, {}, "'vote' is not one of"),
+        ({"reference": "ref", "queries": ["q"]}, {"atlas": {"source": {"kind": "simulate", "n_cells": 100, "n_genes": 100}}},
+         "'datasets.atlas': the name is reserved"),
+    ],
+)
+def test_bad_atlas_config_names_the_key(atlas, extra, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(_atlas_config(atlas, extra), SCHEMA)
+
+
+def test_two_matching_classify_tasks_ask_for_classify_task():
+    cfg = _atlas_config({"reference": "ref", "queries": ["q"]})
+    cfg["classify"]["tasks"]["ref"]["ct2"] = {"target": "label", "split": {"scheme": "stratified"}}
+    with pytest.raises(ConfigError, match=r"2 classification tasks with target 'label' \(ct, ct2\): set atlas.atlases.a"):
+        validate(cfg, SCHEMA)
+    cfg["atlas"]["atlases"]["a"]["classify_task"] = "ct2"
+    validate(cfg, SCHEMA)

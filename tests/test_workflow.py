@@ -41,13 +41,19 @@ CONFIG = {
         "regressors": {"ridge": {"kind": "ridge"}},
     },
     "train": {"embedding": {"datasets": ["sim5k"], "n_latent": 8, "max_epochs": 8}},
+    # sim5k is the reference; the query is one of its donors again, read as a dataset of its own
+    # (cells the reference holds: every method must label them as the reference does)
+    "atlas": {"atlases": {"a": {"reference": "sim5k", "queries": ["sim5k_q"]}}},
 }
+CONFIG["datasets"]["sim5k_q"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_3"]}}}
+METHODS = ("projection", "latent", "classifier")
 #: the MLflow runs of the supervised jobs, as named by the jobs
 CLASSIFY_RUNS = [
     "classify_split:sim5k/classify/cell_type", "classify_split:sim5k/regress/program",
     "classify:sim5k/cell_type/logistic_regression", "classify:sim5k/cell_type/knn", "classify:sim5k/program/ridge",
     "classify_compare:sim5k/classify/cell_type", "classify_compare:sim5k/regress/program",
     "train:sim5k/cell_type/mlp", "train:sim5k/vae",
+    "atlas_reference:a", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas_compare:a/sim5k_q",
 ]
 
 
@@ -211,8 +217,72 @@ def test_reruns_only_what_changed(workdir):
         assert r.returncode == 0, r.stderr
         assert _jobs(r.stdout) == {"classify_model", "classify_compare", "summary", "all"}
         assert "model=knn" in r.stdout and "model=logistic_regression" not in r.stdout
+        # a new query is mapped onto the reference map as it is: no reference stage reruns
+        changed = json.loads(json.dumps(CONFIG))
+        changed["datasets"]["sim5k_q2"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_2"]}}}
+        changed["atlas"]["atlases"]["a"]["queries"].append("sim5k_q2")
+        write_config(workdir, changed)
+        r = snakemake(workdir, "--cores", "2", "--dry-run")
+        assert r.returncode == 0, r.stderr
+        assert _jobs(r.stdout) == {*STAGES, "atlas_map", "atlas_compare", "summary", "all"}
+        assert re.search(r"dataset=sim5k(_q)?\b(?!_)", r.stdout) is None, r.stdout
     finally:
         write_config(workdir, CONFIG)
+
+
+def test_queries_are_mapped_by_every_method_and_compared(workdir):
+    base = workdir / "results" / "atlas" / "a"
+    ref = ad.read_h5ad(base / "reference.h5ad")
+    assert {"X_pca", "X_umap", "X_vae", "X_umap_vae"} <= set(ref.obsm) and ref.n_vars == 1500
+    table = pd.read_csv(workdir / "results" / "atlas.tsv", sep="\t").set_index("method")
+    assert set(table.index) == set(METHODS) and (table["query"] == "sim5k_q").all()
+    # the query's cells are reference cells: every method must give them the reference's labels
+    assert table["accuracy"].ge(0.95).all(), table.T
+    assert table.loc["classifier", "model"] in CONFIG["classify"]["classifiers"]
+    mapped = ad.read_h5ad(base / "sim5k_q" / "latent" / "mapped.h5ad")
+    assert {"X_atlas_pca", "X_atlas_vae", "X_atlas_umap_vae"} <= set(mapped.obsm)
+    assert mapped.obs["atlas_confidence"].between(0, 1).all() and "atlas_label" in mapped.obs
+    labels = pd.read_csv(base / "sim5k_q" / "projection" / "labels.tsv.gz", sep="\t", index_col=0)
+    assert list(labels.index) == list(mapped.obs_names) and {"predicted", "confidence", "query_label"} <= set(labels)
+    for method in METHODS:
+        for name in ("crosstab.png", "umap.png"):
+            assert (base / "sim5k_q" / method / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    agreement = pd.read_csv(base / "sim5k_q" / "agreement.tsv", sep="\t")
+    assert len(agreement) == 3 and agreement["same_label"].between(0, 1).all()
+    runs = {r.info.run_name: r for r in _runs(workdir)}
+    run = runs["atlas:a/sim5k_q/classifier"]
+    assert run.data.metrics["accuracy"] == pytest.approx(table.loc["classifier", "accuracy"])
+    assert run.data.params["best_model"] == table.loc["classifier", "model"]
+    assert run.data.tags["cellatlas.atlas"] == "a" and run.data.tags["cellatlas.method"] == "classifier"
+    parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
+    artifacts = {a.path for a in _client(workdir).list_artifacts(parent.info.run_id, "atlas/a/sim5k_q")}
+    assert artifacts == {"atlas/a/sim5k_q/comparison.tsv"}
+
+
+def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):
+    cfg = {
+        "datasets": {
+            "ref": {"source": {"kind": "simulate", "n_cells": 400, "n_genes": 300, "n_types": 3, "seed": 0},
+                    "label_key": "cell_type"},
+            "pbmc68k": CONFIG["datasets"]["pbmc68k"],
+        },
+        "qc": {"doublets": False},
+        "classify": {"tasks": {}},
+        "train": {"embedding": {"datasets": []}},
+        "atlas": {"atlases": {"a": {"reference": "ref", "queries": ["pbmc68k"], "methods": ["projection"]}}},
+    }
+    w = make_workdir(tmp_path / "w", cfg)
+    r = snakemake(w, "--cores", "2", "--keep-going")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("cellatlas error")]
+    assert lines and re.fullmatch(
+        r"cellatlas error in stage atlas: atlas 'a': reference 'ref' and query 'pbmc68k' share 0 of the \d+ genes "
+        r"the reference PCA uses \(matched by symbol\); at least 100 are needed \(atlas.min_shared_genes\)",
+        lines[0]), r.stderr[-3000:]
+    assert not (w / "results" / "atlas" / "a" / "pbmc68k" / "projection" / "mapped.h5ad").exists()
+    runs = {r.info.run_name: r for r in _runs(w)}
+    assert runs["atlas:a/pbmc68k/projection"].info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs.values())
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -308,6 +378,9 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
         "datasets": {
             "pbmc3k": {"source": {"kind": "h5ad", "path": str(h5ad)}, "label_key": "celltype_seurat"},
             "pbmc3k_mtx": {"source": {"kind": "10x_mtx", "path": str(SHARED_DATA / "pbmc3k" / "filtered_feature_bc_matrix")}},
+            # the atlas's query: 700 PBMCs of another study, log-normalized, 765 genes, other labels
+            "pbmc68k": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}, "matrix": "raw", "values": "lognorm",
+                        "label_key": "bulk_labels"},
         },
         "cluster": {"marker_method": "t-test"},
         # the tutorials' own QC, under which the annotation was made; MAD bounds would trim a
@@ -316,6 +389,7 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
         # every default classifier, 5-fold (no donors: stratified)
         "classify": {"tasks": {"pbmc3k": {"celltype": {"target": "label"}}}},
         "train": {"embedding": {"datasets": ["pbmc3k"]}},
+        "atlas": {"atlases": {"pbmc": {"reference": "pbmc3k", "queries": ["pbmc68k"]}}},
     }
     w = make_workdir(tmp_path / "w", cfg)
     r = snakemake(w, "--cores", "2")
@@ -341,3 +415,16 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
     # measured 0.64 vs 0.73: the VAE merges naive and memory CD4 T cells, which the published
     # annotation (itself made from PCA clusters) separates; the issue's 0.05 is not reached yet
     assert clusters["ari_vae"].max() >= 0.55 and clusters["ari_vae"].max() >= clusters["ari_pca"].max() - 0.15, clusters
+    # the atlas: every method maps pbmc68k_reduced onto pbmc3k and cross-tabulates against bulk_labels
+    atlas = pd.read_csv(w / "results" / "atlas.tsv", sep="\t").set_index("method")
+    assert set(atlas.index) == {"projection", "latent", "classifier"}
+    n_query = s.loc["pbmc68k", "cells_kept"]
+    assert (atlas["n_cells"] == n_query).all() and (atlas["n_shared_hvg"] >= 100).all(), atlas.T
+    assert atlas.loc["classifier", "model"] in set(models.index)
+    for method in atlas.index:
+        crosstab = pd.read_csv(w / "results" / "atlas" / "pbmc" / "pbmc68k" / method / "crosstab.tsv", sep="\t",
+                               index_col=0)
+        assert crosstab.to_numpy().sum() == n_query and "CD14+ Monocyte" in crosstab.index
+        # monocytes land on the reference's CD14 monocytes, B cells on its B cells (named differently)
+        assert crosstab.loc["CD14+ Monocyte"].idxmax() == "CD14+ Mono", (method, crosstab.loc["CD14+ Monocyte"])
+        assert crosstab.loc["CD19+ B"].idxmax() == "B", (method, crosstab.loc["CD19+ B"])

@@ -109,9 +109,73 @@ def get_embedding_datasets():
     return embedding_datasets(config)
 
 
+def get_atlases():
+    from cellatlas.config import atlases
+
+    return atlases(config)
+
+
+def get_atlas(wildcards):
+    spec = get_atlases().get(wildcards.atlas)
+    if spec is None:
+        raise WorkflowError(f"no atlas '{wildcards.atlas}' in atlas.atlases")
+    if "dataset" in wildcards.keys() and wildcards.dataset not in spec["queries"]:
+        raise WorkflowError(f"atlas '{wildcards.atlas}': '{wildcards.dataset}' is not one of its queries")
+    return spec
+
+
+def get_atlas_reference_input(wildcards):
+    spec = get_atlas(wildcards)
+    ref = spec["reference"]
+    inputs = {"cluster": f"results/{ref}/cluster.h5ad"}
+    if "latent" in spec["methods"]:
+        inputs["vae"] = f"results/{ref}/train/vae/embedding.h5ad"
+    return inputs
+
+
+def get_atlas_map_input(wildcards):
+    spec = get_atlas(wildcards)
+    ref = spec["reference"]
+    inputs = {
+        "reference": f"results/atlas/{wildcards.atlas}/reference.h5ad",
+        "query": f"results/{wildcards.dataset}/normalize.h5ad",
+    }
+    if wildcards.method not in spec["methods"]:
+        raise WorkflowError(f"atlas '{wildcards.atlas}': method '{wildcards.method}' is not in its methods")
+    if wildcards.method == "latent":
+        inputs["vae"] = f"results/{ref}/train/vae/model.ckpt"
+    if wildcards.method == "classifier":
+        base = f"results/{ref}/classify/{spec['classify_task']}"
+        inputs["comparison"] = f"{base}/comparison/models.tsv"
+        models = get_tasks()[(ref, spec["classify_task"])]["models"]
+        inputs.update({f"model_{m}": f"{base}/models/{m}/model.joblib" for m in models})
+    return inputs
+
+
+def get_atlas_method_files(name):
+    def files(wildcards):
+        spec = get_atlas(wildcards)
+        return [f"results/atlas/{wildcards.atlas}/{wildcards.dataset}/{m}/{name}" for m in spec["methods"]]
+
+    return files
+
+
+def get_atlas_comparisons():
+    return [f"results/atlas/{a}/{q}/comparison.tsv" for a, spec in get_atlases().items() for q in spec["queries"]]
+
+
+def get_vae_datasets():
+    """Datasets whose VAE is trained: train.embedding's, and references of latent-method atlases."""
+    chosen = list(get_embedding_datasets())
+    for spec in get_atlases().values():
+        if "latent" in spec["methods"] and spec["reference"] not in chosen:
+            chosen.append(spec["reference"])
+    return chosen
+
+
 def get_summary_records():
     records = [f"results/{ds}/{stage}/run.json" for ds in config["datasets"] for stage in STAGE_FILES]
-    return records + [f"results/{ds}/train/vae/run.json" for ds in get_embedding_datasets()]
+    return records + [f"results/{ds}/train/vae/run.json" for ds in get_vae_datasets()]
 
 
 def get_comparisons():
@@ -119,7 +183,14 @@ def get_comparisons():
 
 
 def get_final_outputs():
-    return ["results/summary.tsv", "results/models.tsv", *get_summary_records(), *get_comparisons()]
+    return [
+        "results/summary.tsv",
+        "results/models.tsv",
+        "results/atlas.tsv",
+        *get_summary_records(),
+        *get_comparisons(),
+        *get_atlas_comparisons(),
+    ]
 
 
 def get_tracking_uri():

@@ -4,7 +4,7 @@ from cellatlas.runner import run_stage
 
 
 def body(smk, run):
-    from cellatlas.ingest import canonicalize, read_source
+    from cellatlas.ingest import canonicalize, read_source, subset
 
     name, ds = smk.wildcards.dataset, smk.params.dataset
     path = smk.input.get("source")
@@ -13,6 +13,7 @@ def body(smk, run):
         adata, name, matrix=ds["matrix"], values=ds["values"],
         label_key=ds["label_key"], batch_key=ds["batch_key"], donor_key=ds["donor_key"], path=path,
     )
+    adata = subset(adata, name, **ds.get("subset", {}))
     adata.write_h5ad(smk.output.h5ad)
     run.log_metrics({"n_cells": adata.n_obs, "n_genes": adata.n_vars, "nnz": adata.X.nnz, "values": ds["values"]})
 

@@ -68,6 +68,8 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
         classify_tasks(config)
     if "train" in config:
         embedding_datasets(config)
+    if "atlas" in config:
+        atlases(config)
     cl = config.get("cluster", {})
     if "marker_resolution" in cl and cl["marker_resolution"] not in cl.get("resolutions", []):
         raise ConfigError(
@@ -161,6 +163,76 @@ def embedding_datasets(config: dict[str, Any]) -> list[str]:
             raise ConfigError(f"config key 'train.embedding.datasets': dataset '{ds}' holds log-normalized values, "
                               "not counts; the VAE's negative-binomial likelihood needs counts")
     return list(chosen)
+
+
+#: a results/ folder of its own, so no dataset may take the name
+ATLAS_DIR = "atlas"
+
+
+def atlases(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every atlas, resolved: ``{name: spec}`` with ``reference``, ``queries``, ``label_key``,
+    ``methods`` and ``classify_task`` (the reference's task the classifier method uses, or None).
+
+    Raises
+    ------
+    ConfigError
+        An unknown reference or query, a query that is its reference, a label the reference
+        cannot have, the latent method on a reference without counts, the classifier method
+        without (or with an ambiguous) classification task on the reference.
+    """
+    from cellatlas import keys
+
+    datasets = config.get("datasets", {})
+    entries = config.get("atlas", {}).get("atlases", {}) or {}
+    if entries and ATLAS_DIR in datasets:
+        raise ConfigError(f"config key 'datasets.{ATLAS_DIR}': the name is reserved for the atlases' results folder")
+    tasks = classify_tasks(config, check_models=False) if "classify" in config else {}
+    out = {}
+    for name, entry in entries.items():
+        where = f"atlas.atlases.{name}"
+        ref = entry["reference"]
+        if ref not in datasets:
+            raise ConfigError(f"config key '{where}.reference': '{ref}' is not a dataset (datasets: {sorted(datasets)})")
+        for q in entry["queries"]:
+            if q not in datasets:
+                raise ConfigError(f"config key '{where}.queries': '{q}' is not a dataset (datasets: {sorted(datasets)})")
+            if q == ref:
+                raise ConfigError(f"config key '{where}.queries': '{q}' is the atlas's reference")
+        label_key = entry.get("label_key", keys.LABEL)
+        if label_key in _CANONICAL and not datasets[ref].get(_CANONICAL[label_key]):
+            raise ConfigError(f"config key '{where}.label_key': reference '{ref}' has no {_CANONICAL[label_key]}, "
+                              f"so no obs '{label_key}'")
+        methods = list(entry.get("methods", ["projection", "latent", "classifier"]))
+        if "latent" in methods and datasets[ref].get("values", keys.VALUES_COUNTS) != keys.VALUES_COUNTS:
+            raise ConfigError(f"config key '{where}.methods': method 'latent' needs a VAE trained on the reference's "
+                              f"counts, and '{ref}' holds log-normalized values")
+        task = None
+        if "classifier" in methods:
+            task = _atlas_task(where, ref, label_key, entry.get("classify_task"), tasks)
+        out[name] = {"reference": ref, "queries": list(entry["queries"]), "label_key": label_key,
+                     "methods": methods, "classify_task": task}
+    return out
+
+
+def _atlas_task(where: str, ref: str, label_key: str, named: str | None, tasks: dict) -> str:
+    from cellatlas import keys
+
+    if named is not None:
+        spec = tasks.get((ref, named))
+        if spec is None or spec["kind"] != keys.CLASSIFICATION:
+            raise ConfigError(f"config key '{where}.classify_task': reference '{ref}' has no classification task "
+                              f"'{named}' in classify.tasks")
+        return named
+    found = [t for (ds, t), spec in tasks.items()
+             if ds == ref and spec["kind"] == keys.CLASSIFICATION and spec["target"] == label_key]
+    need = f"config key '{where}.methods': method 'classifier' uses the reference's best classify-stage model"
+    if not found:
+        raise ConfigError(f"{need}, and reference '{ref}' has no classification task with target '{label_key}' "
+                          "in classify.tasks")
+    if len(found) > 1:
+        raise ConfigError(f"{need}, and reference '{ref}' has {len(found)} classification tasks with target "
+                          f"'{label_key}' ({', '.join(found)}): set atlas.atlases.{where.split('.')[-1]}.classify_task")
+    return found[0]
 
 
 def _check_model(where: str, model: dict[str, Any], kind: str) -> None:

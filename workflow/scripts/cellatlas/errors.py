@@ -28,3 +28,12 @@ class TaskError(CellAtlasError):
         self.dataset = dataset
         self.task = task
         self.problem = problem
+
+
+class AtlasError(CellAtlasError):
+    """A query cannot be mapped onto an atlas's reference as configured."""
+
+    def __init__(self, atlas: str, problem: str):
+        super().__init__(f"atlas '{atlas}': {problem}")
+        self.atlas = atlas
+        self.problem = problem

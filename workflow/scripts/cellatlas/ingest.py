@@ -151,6 +151,36 @@ def canonicalize(
     return out
 
 
+def subset(adata, dataset: str, *, keep: dict[str, list] | None = None, drop: dict[str, list] | None = None):
+    """The cells whose obs values pass ``keep`` (one of the listed values in every named column)
+    and not ``drop`` (none of them); the record gains the rule and the number of cells left.
+
+    Raises
+    ------
+    InputDataError
+        A column the data lacks, or no cell left.
+    """
+    if not keep and not drop:
+        return adata
+    mask = np.ones(adata.n_obs, dtype=bool)
+    for rule, wanted in (("keep", keep or {}), ("drop", drop or {})):
+        for column, values in wanted.items():
+            if column not in adata.obs:
+                avail = ", ".join(map(str, list(adata.obs.columns)[:12]))
+                raise InputDataError(dataset, f"subset.{rule}: '{column}' is not an obs column (columns: {avail})")
+            hit = adata.obs[column].astype(str).isin([str(v) for v in values]).to_numpy()
+            mask &= hit if rule == "keep" else ~hit
+    if not mask.any():
+        raise InputDataError(dataset, f"subset keep={keep or {}} drop={drop or {}} leaves no cells")
+    out = adata[mask].copy()
+    for column in out.obs.select_dtypes("category"):
+        out.obs[column] = out.obs[column].cat.remove_unused_categories()
+    record = out.uns[keys.UNS_KEY]["ingest"]
+    record.update({"subset": {"keep": keep or {}, "drop": drop or {}}, "n_cells_source": record["n_cells"],
+                   "n_cells": int(out.n_obs)})
+    return out
+
+
 def _select_matrix(adata, dataset: str, matrix: str, path: str | None):
     if matrix == "X":
         return adata.X, adata.var

@@ -186,3 +186,65 @@ def training_curves(history: pd.DataFrame, path: str, *, title: str = "") -> Non
         axes[0, 1].legend(frameon=False)
     fig.suptitle(title)
     _save(fig, path)
+
+
+def joint_embedding(reference: np.ndarray, ref_labels: pd.Series, query: np.ndarray, predicted: pd.Series,
+                    confidence: np.ndarray, path: str, *, basis: str, title: str = "") -> None:
+    """Reference and query in the reference's map: the reference by label, the query (over the
+    reference in grey) by transferred label, and the query by confidence."""
+    ref_cat = pd.Categorical(ref_labels.astype(str))
+    names = list(ref_cat.categories) + sorted(set(map(str, predicted)) - set(ref_cat.categories))
+    palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    color = {n: ("#bbbbbb" if n == "unassigned" else palette(i % palette.N)) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    size_r = max(0.5, min(10.0, 20000.0 / max(len(reference), 1)))
+    size_q = max(0.5, min(12.0, 20000.0 / max(len(query), 1)))
+    rng = np.random.default_rng(0)
+    ro, qo = rng.permutation(len(reference)), rng.permutation(len(query))
+    axes[0].scatter(reference[ro, 0], reference[ro, 1], s=size_r, c=[color[str(v)] for v in ref_cat[ro]], rasterized=True)
+    axes[0].set_title("reference, by label")
+    axes[1].scatter(reference[:, 0], reference[:, 1], s=size_r, c="#e6e6e6", rasterized=True)
+    pred = np.asarray(predicted.astype(str))
+    axes[1].scatter(query[qo, 0], query[qo, 1], s=size_q, c=[color[v] for v in pred[qo]], rasterized=True)
+    axes[1].set_title("query, by transferred label")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=color[n], label=n) for n in names]
+    axes[1].legend(handles=handles, frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[2].scatter(reference[:, 0], reference[:, 1], s=size_r, c="#e6e6e6", rasterized=True)
+    pts = axes[2].scatter(query[qo, 0], query[qo, 1], s=size_q, c=np.asarray(confidence)[qo], cmap="viridis",
+                          vmin=0, vmax=1, rasterized=True)
+    fig.colorbar(pts, ax=axes[2], label="confidence")
+    axes[2].set_title("query, by confidence")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{basis} 1")
+        ax.set_ylabel(f"{basis} 2")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def crosstab(table: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """Query labels (rows) against transferred labels (columns), shaded by share of the row."""
+    counts = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * max(table.shape[1], 1), 1.8 + 0.45 * max(table.shape[0], 1)))
+    if counts.size == 0:
+        ax.text(0.5, 0.5, "the query has no labels", ha="center", va="center")
+        ax.set_axis_off()
+        _save(fig, path)
+        return
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    if counts.size <= 900:
+        for i in range(counts.shape[0]):
+            for j in range(counts.shape[1]):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), [str(c) for c in table.index], fontsize=8)
+    ax.set_xlabel("transferred label")
+    ax.set_ylabel("query's own label")
+    fig.colorbar(im, ax=ax, label="share of the query label", shrink=0.8)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -60,3 +60,11 @@ def summarize_models(tables: Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["dataset", "task", "kind", "split", "model", "rank"])
     return pd.concat(frames, ignore_index=True).sort_values(["dataset", "task", "rank"]).reset_index(drop=True)
+
+
+def summarize_atlases(tables: Iterable[str | Path]) -> pd.DataFrame:
+    """Every atlas x query x method in one table (scores, unassigned shares, run ids)."""
+    frames = [pd.read_csv(p, sep="\t") for p in tables]
+    if not frames:
+        return pd.DataFrame(columns=["atlas", "reference", "query", "method"])
+    return pd.concat(frames, ignore_index=True).sort_values(["atlas", "query", "method"]).reset_index(drop=True)

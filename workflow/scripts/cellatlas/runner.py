@@ -40,7 +40,8 @@ def params_of(smk) -> dict[str, Any]:
     return {k: _to_builtin(v) for k, v in smk.params.items()}
 
 
-def run_stage(smk, stage: str, body: Callable[[Any, Any], None], *, part: str | None = None) -> None:
+def run_stage(smk, stage: str, body: Callable[[Any, Any], None], *, part: str | None = None,
+              name: str | None = None) -> None:
     """Run ``body(smk, run)`` inside the stage's MLflow child run.
 
     A :class:`CellAtlasError` becomes one line on the terminal (and in the log) and exit
@@ -57,7 +58,7 @@ def run_stage(smk, stage: str, body: Callable[[Any, Any], None], *, part: str | 
     dataset = wildcards.pop("dataset", None)
     # further wildcards (task, model) name the run and tag it: classify:sim/label/knn
     parts = [dataset or "", *wildcards.values(), *([part] if part else [])]
-    name = f"{stage}:" + "/".join(parts).strip("/") if dataset else stage
+    name = name or (f"{stage}:" + "/".join(parts).strip("/") if dataset else stage)
     # "cellatlas.kind" already says pipeline or stage; the classify/regress wildcard gets its own name
     tags = {f"cellatlas.{'task_dir' if k == 'kind' else k}": str(v) for k, v in wildcards.items()}
     logging.getLogger("cellatlas").info("stage %s, dataset %s, %s, threads %s", stage, dataset, wildcards, smk.threads)
