@@ -127,7 +127,7 @@ def get_atlas(wildcards):
 def get_atlas_reference_input(wildcards):
     spec = get_atlas(wildcards)
     ref = spec["reference"]
-    inputs = {"cluster": f"results/{ref}/cluster.h5ad"}
+    inputs = {"embed": f"results/{ref}/embed.h5ad"}
     if "latent" in spec["methods"]:
         inputs["vae"] = f"results/{ref}/train/vae/embedding.h5ad"
     return inputs

@@ -7,7 +7,7 @@ def body(smk, run):
     from cellatlas.atlas import reference_job
 
     spec = smk.params.atlas
-    reference_job(cluster=smk.input.cluster, vae=smk.input.get("vae"), outputs=smk.output, atlas=smk.wildcards.atlas,
+    reference_job(embed=smk.input.embed, vae=smk.input.get("vae"), outputs=smk.output, atlas=smk.wildcards.atlas,
                   reference=spec["reference"], label_key=spec["label_key"], seed=smk.params.seed, run=run)
 
 
