@@ -217,8 +217,10 @@ def test_reruns_only_what_changed(workdir):
         write_config(workdir, changed)
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
-        assert _jobs(r.stdout) == {"classify_model", "classify_compare", "summary", "all"}
+        # the atlas's classifier method uses the task's best model: that mapping reruns, no other
+        assert _jobs(r.stdout) == {"classify_model", "classify_compare", "atlas_map", "atlas_compare", "summary", "all"}
         assert "model=knn" in r.stdout and "model=logistic_regression" not in r.stdout
+        assert "method=classifier" in r.stdout and "method=projection" not in r.stdout
         # a new query is mapped onto the reference map as it is: no reference stage reruns
         changed = json.loads(json.dumps(CONFIG))
         changed["datasets"]["sim5k_q2"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_2"]}}}
@@ -429,8 +431,8 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
         assert crosstab.to_numpy().sum() == n_query and "CD14+ Monocyte" in crosstab.index
         # B cells land on the reference's B cells (the annotations name them differently)
         assert crosstab.loc["CD19+ B"].idxmax() == "B", (method, crosstab.loc["CD19+ B"])
-    # monocytes on monocytes (measured: on FCGR3A+ Mono by both methods; bulk_labels come from
+    # monocytes on monocytes (measured: 117 and 116 of 129 on FCGR3A+ Mono; bulk_labels come from
     # correlation with sorted populations). The VAE sees 218 of its 2,000 genes in this 765-gene
-    # query, and no counts: measured, it puts most of them on memory CD4 T cells.
+    # query, and no counts: measured 62 on FCGR3A+ Mono, 43 on memory CD4 T, so not asserted.
     for method in ("classifier", "projection"):
         assert crosstabs[method].loc["CD14+ Monocyte"].idxmax() in {"CD14+ Mono", "FCGR3A+ Mono"}
