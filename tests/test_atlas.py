@@ -157,7 +157,9 @@ def test_latent_method_encodes_the_query_with_the_reference_vae(pair, tmp_path):
     pred = table["predicted"].to_numpy()
     novel = truth == HELD_OUT
     assigned = ~novel & (pred != atlas.UNASSIGNED)
-    assert assigned.mean() >= 0.5 and (pred[assigned] == truth[assigned]).mean() >= 0.95
+    assert (pred[assigned] == truth[assigned]).mean() >= 0.95
+    # the bar: above 0.9 on the shared types, most of the missing type unassigned
+    assert (pred[~novel] == truth[~novel]).mean() >= 0.9
     assert (pred[novel] == atlas.UNASSIGNED).mean() >= 0.5
 
 

@@ -195,7 +195,8 @@ def joint_embedding(reference: np.ndarray, ref_labels: pd.Series, query: np.ndar
     ref_cat = pd.Categorical(ref_labels.astype(str))
     names = list(ref_cat.categories) + sorted(set(map(str, predicted)) - set(ref_cat.categories))
     palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
-    color = {n: ("#bbbbbb" if n == "unassigned" else palette(i % palette.N)) for i, n in enumerate(names)}
+    # unassigned in dark grey, apart from the light grey of the reference behind the query
+    color = {n: ("#555555" if n == "unassigned" else palette(i % palette.N)) for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     size_r = max(0.5, min(10.0, 20000.0 / max(len(reference), 1)))
     size_q = max(0.5, min(12.0, 20000.0 / max(len(query), 1)))
