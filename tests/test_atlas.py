@@ -87,6 +87,18 @@ def test_reference_map_needs_its_labels(pair):
         atlas.build_reference(one, atlas="a", reference="ref", label_key="one")
 
 
+def test_small_labels_are_judged_by_the_pooled_covariance():
+    rng = np.random.default_rng(0)
+    rep = np.vstack([rng.normal(0, 1, (200, 5)), rng.normal(8, 1, (2, 5))])
+    labels = pd.Categorical(["big"] * 200 + ["tiny"] * 2)
+    means, precisions, null, pooled = atlas.label_gaussians(rep, labels)
+    assert np.allclose(means[1], rep[200:].mean(axis=0)) and np.isfinite(null).all()
+    assert np.allclose(null[200:], pooled[200:])  # no fit on 2 cells: the pooled model judges them
+    # a new cell near the tiny label is inside the pooled envelope, not rejected outright
+    d = atlas.mahalanobis(rng.normal(8, 1, (50, 5)), means[1], precisions[1])
+    assert atlas.proximity(d, pooled).mean() > 0.8
+
+
 def test_proximity_is_one_inside_the_envelope_and_zero_beyond():
     null = np.arange(1.0, 201.0)  # 200 reference distances
     near = atlas.proximity(np.array([1.0, 198.0, 199.5, 200.0, 250.0]), null)
@@ -148,8 +160,10 @@ def test_latent_method_encodes_the_query_with_the_reference_vae(pair, tmp_path):
     train_vae(ref, dataset="ref", model=model, trainer={"accelerator": "cpu"}, seed=0, checkpoint=str(ckpt))
     ref.obsm[VAE_UMAP] = ref.obsm["X_umap"]  # any layout will do for placing cells
     emb = ad.AnnData(obs=ref.obs[[]], obsm={atlas.VAE: ref.obsm[atlas.VAE], VAE_UMAP: ref.obsm[VAE_UMAP]})
-    ref_map, summary = atlas.build_reference(ref, atlas="a", reference="ref", label_key=keys.LABEL, vae=emb)
-    assert summary["n_latent"] == 8 and atlas.GRAPH[atlas.VAE] in ref_map.obsp
+    ref_map, _ = atlas.build_reference(ref, atlas="a", reference="ref", label_key=keys.LABEL)
+    vae_map, summary = atlas.build_reference_vae(ref_map, emb, atlas="a", reference="ref")
+    assert summary["n_latent"] == 8 and atlas.GRAPH[atlas.VAE] in vae_map.obsp
+    ref_map = atlas.with_vae(ref_map, vae_map)
     table, obsm, info = atlas.map_query(ref_map, query, atlas="a", reference="ref", query="query", method="latent",
                                         vae_checkpoint=str(ckpt))
     assert obsm["X_atlas_vae"].shape == (query.n_obs, 8) and info["n_shared_vae_genes"] > 0
@@ -183,6 +197,8 @@ def test_subset_keeps_and_drops_cells(canonical):
     out = subset(canonical, "sim", keep={"batch": ["batch_0"]}, drop={"label": ["type_1"]})
     assert set(out.obs["batch"]) == {"batch_0"} and "type_1" not in set(out.obs["label"])
     assert list(out.obs["label"].cat.categories) == sorted(set(out.obs["label"]))
+    canonical.obs["depth"] = np.arange(canonical.n_obs) % 3 * 1.0  # a float column, kept by int values
+    assert subset(canonical, "sim", keep={"depth": [1, 2]}).n_obs == (canonical.obs["depth"] > 0).sum()
     record = out.uns[keys.UNS_KEY]["ingest"]
     assert record["n_cells"] == out.n_obs < record["n_cells_source"] == canonical.n_obs
     with pytest.raises(InputDataError, match="subset.keep: 'tissue' is not an obs column"):

@@ -53,7 +53,7 @@ CLASSIFY_RUNS = [
     "classify:sim5k/cell_type/logistic_regression", "classify:sim5k/cell_type/knn", "classify:sim5k/program/ridge",
     "classify_compare:sim5k/classify/cell_type", "classify_compare:sim5k/regress/program",
     "train:sim5k/cell_type/mlp", "train:sim5k/vae",
-    "atlas_reference:a", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas_compare:a/sim5k_q",
+    "atlas_reference:a", "atlas_reference_vae:a", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas_compare:a/sim5k_q",
 ]
 
 
@@ -208,10 +208,11 @@ def test_reruns_only_what_changed(workdir):
     try:
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
-        # the VAE's clusters are compared with the PCA's at the same resolutions, and the atlas
-        # reads the VAE's latent space
-        assert _jobs(r.stdout) == {"cluster", "train_vae", "atlas_reference", "atlas_map", "atlas_compare", "summary",
-                                   "all"}
+        # the VAE's clusters are compared with the PCA's at the same resolutions; the atlas's VAE
+        # part follows it, and with it only the latent mapping
+        assert _jobs(r.stdout) == {"cluster", "train_vae", "atlas_reference_vae", "atlas_map", "atlas_compare",
+                                   "summary", "all"}
+        assert "method=latent" in r.stdout and "method=projection" not in r.stdout
         changed = json.loads(json.dumps(CONFIG))
         changed["classify"]["classifiers"]["knn"]["params"] = {"n_neighbors": 7}
         write_config(workdir, changed)
@@ -237,7 +238,9 @@ def test_reruns_only_what_changed(workdir):
 def test_queries_are_mapped_by_every_method_and_compared(workdir):
     base = workdir / "results" / "atlas" / "a"
     ref = ad.read_h5ad(base / "reference.h5ad")
-    assert {"X_pca", "X_umap", "X_vae", "X_umap_vae"} <= set(ref.obsm) and ref.n_vars == 1500
+    assert {"X_pca", "X_umap"} <= set(ref.obsm) and ref.n_vars == 1500
+    vae = ad.read_h5ad(base / "reference_vae.h5ad")
+    assert {"X_vae", "X_umap_vae"} <= set(vae.obsm) and list(vae.obs_names) == list(ref.obs_names)
     table = pd.read_csv(workdir / "results" / "atlas.tsv", sep="\t").set_index("method")
     assert set(table.index) == set(METHODS) and (table["query"] == "sim5k_q").all()
     # the query's cells are reference cells: every method must give them the reference's labels

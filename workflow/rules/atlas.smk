@@ -1,17 +1,19 @@
-# Atlas mapping. A reference's fitted stages (PCA, UMAP, graph, VAE, best classifier) are gathered
-# once per atlas into a reference map; each query is placed on it and labelled by every method,
-# then the methods are compared. Mapping a new query reruns none of the reference's stages.
+# Atlas mapping. A reference's fitted stages (PCA, UMAP, graph; the VAE; the best classifier) are
+# gathered once per atlas into a reference map; each query is placed on it and labelled by every
+# method, then the methods are compared. Jobs carry only the atlas fields they use, so adding a
+# query reruns nothing of the reference or of the other queries.
 
 
 rule atlas_reference:
     input:
-        unpack(get_atlas_reference_input),
+        get_atlas_reference_input,
     output:
         h5ad="results/atlas/{atlas}/reference.h5ad",
         umap=report("results/atlas/{atlas}/reference/umap.png", category="Atlas", subcategory="{atlas}"),
         run="results/atlas/{atlas}/reference/run.json",
     params:
-        atlas=get_atlas,
+        reference=get_atlas_field("reference"),
+        label_key=get_atlas_field("label_key"),
         seed=config["seed"],
     log:
         "results/atlas/{atlas}/logs/reference.log",
@@ -21,6 +23,26 @@ rule atlas_reference:
         PIPELINE_ENV
     script:
         "../scripts/atlas_reference.py"
+
+
+rule atlas_reference_vae:
+    input:
+        reference="results/atlas/{atlas}/reference.h5ad",
+        vae=get_atlas_vae_input,
+    output:
+        h5ad="results/atlas/{atlas}/reference_vae.h5ad",
+        run="results/atlas/{atlas}/reference_vae/run.json",
+    params:
+        reference=get_atlas_field("reference"),
+        seed=config["seed"],
+    log:
+        "results/atlas/{atlas}/logs/reference_vae.log",
+    benchmark:
+        "results/atlas/{atlas}/benchmarks/reference_vae.tsv"
+    conda:
+        PIPELINE_ENV
+    script:
+        "../scripts/atlas_reference_vae.py"
 
 
 rule atlas_map:
@@ -43,7 +65,7 @@ rule atlas_map:
     wildcard_constraints:
         method="projection|latent|classifier",
     params:
-        atlas=get_atlas,
+        reference=get_atlas_field("reference"),
         mapping={k: v for k, v in config["atlas"].items() if k != "atlases"},
         seed=config["seed"],
     threads: 2
@@ -59,14 +81,13 @@ rule atlas_map:
 
 rule atlas_compare:
     input:
-        records=get_atlas_method_files("run.json"),
-        labels=get_atlas_method_files("labels.tsv.gz"),
+        unpack(get_atlas_method_files),
     output:
         table="results/atlas/{atlas}/{dataset}/comparison.tsv",
         agreement="results/atlas/{atlas}/{dataset}/agreement.tsv",
         run="results/atlas/{atlas}/{dataset}/comparison/run.json",
     params:
-        atlas=get_atlas,
+        reference=get_atlas_field("reference"),
     log:
         "results/atlas/{atlas}/logs/{dataset}/comparison.log",
     conda:

@@ -124,13 +124,25 @@ def get_atlas(wildcards):
     return spec
 
 
+def get_atlas_field(name):
+    """Params function: one field of the atlas (a job carries only what it uses, so that adding a
+    query to an atlas does not change, and rerun, its other jobs)."""
+
+    def field(wildcards):
+        return get_atlas(wildcards)[name]
+
+    return field
+
+
 def get_atlas_reference_input(wildcards):
+    return f"results/{get_atlas(wildcards)['reference']}/embed.h5ad"
+
+
+def get_atlas_vae_input(wildcards):
     spec = get_atlas(wildcards)
-    ref = spec["reference"]
-    inputs = {"embed": f"results/{ref}/embed.h5ad"}
-    if "latent" in spec["methods"]:
-        inputs["vae"] = f"results/{ref}/train/vae/embedding.h5ad"
-    return inputs
+    if "latent" not in spec["methods"]:
+        raise WorkflowError(f"atlas '{wildcards.atlas}': no VAE map without the latent method")
+    return f"results/{spec['reference']}/train/vae/embedding.h5ad"
 
 
 def get_atlas_map_input(wildcards):
@@ -143,6 +155,7 @@ def get_atlas_map_input(wildcards):
     if wildcards.method not in spec["methods"]:
         raise WorkflowError(f"atlas '{wildcards.atlas}': method '{wildcards.method}' is not in its methods")
     if wildcards.method == "latent":
+        inputs["reference_vae"] = f"results/atlas/{wildcards.atlas}/reference_vae.h5ad"
         inputs["vae"] = f"results/{ref}/train/vae/model.ckpt"
     if wildcards.method == "classifier":
         base = f"results/{ref}/classify/{spec['classify_task']}"
@@ -152,11 +165,13 @@ def get_atlas_map_input(wildcards):
     return inputs
 
 
-def get_atlas_method_files(name):
-    def files(wildcards):
-        spec = get_atlas(wildcards)
-        return [f"results/atlas/{wildcards.atlas}/{wildcards.dataset}/{m}/{name}" for m in spec["methods"]]
-
+def get_atlas_method_files(wildcards):
+    """Each method's run record and labels, named record_<method> and labels_<method>."""
+    base = f"results/atlas/{wildcards.atlas}/{wildcards.dataset}"
+    files = {}
+    for m in get_atlas(wildcards)["methods"]:
+        files[f"record_{m}"] = f"{base}/{m}/run.json"
+        files[f"labels_{m}"] = f"{base}/{m}/labels.tsv.gz"
     return files
 
 

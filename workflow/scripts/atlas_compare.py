@@ -7,9 +7,11 @@ def body(smk, run):
     from cellatlas.atlas import compare_job
     from cellatlas.tracking import log_to_parent
 
-    wc, methods = smk.wildcards, smk.params.atlas["methods"]
-    compare_job(records=dict(zip(methods, smk.input.records)), labels=dict(zip(methods, smk.input.labels)),
-                outputs=smk.output, atlas=wc.atlas, reference=smk.params.atlas["reference"], query=wc.dataset, run=run)
+    wc = smk.wildcards
+    records = {k[len("record_"):]: v for k, v in smk.input.items() if k.startswith("record_")}
+    labels = {k[len("labels_"):]: v for k, v in smk.input.items() if k.startswith("labels_")}
+    compare_job(records=records, labels=labels, outputs=smk.output, atlas=wc.atlas, reference=smk.params.reference,
+                query=wc.dataset, run=run)
     log_to_parent(smk.output.table, f"atlas/{wc.atlas}/{wc.dataset}")
 
 

@@ -143,36 +143,44 @@ def _mean_sd(X) -> tuple[np.ndarray, np.ndarray]:
     return mean, sd
 
 
+#: labels with fewer reference cells get the pooled within-label covariance and distances
+MIN_LABEL_CELLS = 10
+
+
 def label_gaussians(rep: np.ndarray, labels: pd.Categorical, *, seed: int = 0, n_folds: int = 5):
     """Per label: mean and Ledoit-Wolf precision of ``rep``, and every cell's out-of-fold
     Mahalanobis distance to its own label (the reference distribution proximity is read from).
 
     Out-of-fold, because a cell that helped fit its label's covariance looks closer to it than a
-    new cell would (most of all for small labels in many dimensions).
+    new cell would. A label with fewer than :data:`MIN_LABEL_CELLS` cells has too few to fit or
+    to judge by: it gets the covariance pooled over every label (cells centred on their label's
+    mean) and is judged against all cells' distances under that pooled model (``pooled``).
+    Returns (means, precisions, null, pooled).
     """
     from sklearn.covariance import LedoitWolf
 
     rep = np.asarray(rep, dtype=np.float64)
     codes = np.asarray(labels.codes)
     L, d = len(labels.categories), rep.shape[1]
-    means, precisions = np.zeros((L, d)), np.zeros((L, d, d))
-    null = np.full(len(rep), np.nan)
+    means = np.stack([rep[codes == c].mean(axis=0) if (codes == c).any() else np.zeros(d) for c in range(L)])
+    centred = rep - means[codes]
+    pooled_fit = LedoitWolf(assume_centered=True).fit(centred)
+    pooled = mahalanobis(centred, np.zeros(d), pooled_fit.precision_)
+    precisions = np.repeat(pooled_fit.precision_[None], L, axis=0)
+    null = pooled.copy()
     rng = np.random.default_rng(seed)
     for c in range(L):
         rows = np.flatnonzero(codes == c)
-        Z = rep[rows]
-        if len(rows) < 3:  # too few to fit anything: only its own cells' spread around them
-            means[c], precisions[c] = Z.mean(axis=0), np.eye(d) / max(float(Z.var()), 1e-12)
-            null[rows] = mahalanobis(Z, means[c], precisions[c])
+        if len(rows) < MIN_LABEL_CELLS:
             continue
-        fit = LedoitWolf().fit(Z)
-        means[c], precisions[c] = fit.location_, fit.precision_
-        fold = rng.permutation(len(rows)) % min(n_folds, len(rows))
-        for f in np.unique(fold):
+        Z = rep[rows]
+        precisions[c] = LedoitWolf().fit(Z).precision_
+        fold = rng.permutation(len(rows)) % n_folds
+        for f in range(n_folds):
             train = fold != f
             part = LedoitWolf().fit(Z[train])
             null[rows[~train]] = mahalanobis(Z[~train], part.location_, part.precision_)
-    return means, precisions, null
+    return means, precisions, null, pooled
 
 
 def mahalanobis(X: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -190,22 +198,22 @@ def proximity(distance: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def _add_label_models(out, rep: str, seed: int) -> None:
     labels = out.obs[keys.LABEL].cat
     have = np.asarray(out.obs[keys.LABEL].notna())
-    means, precisions, null = label_gaussians(out.obsm[rep][have], pd.Categorical.from_codes(
+    means, precisions, null, pooled = label_gaussians(out.obsm[rep][have], pd.Categorical.from_codes(
         labels.codes[have], categories=labels.categories), seed=seed)
-    col = np.full(out.n_obs, np.nan)
-    col[have] = null
-    out.obs[f"{rep}_mahalanobis"] = col
+    for name, values in ((f"{rep}_mahalanobis", null), (f"{rep}_mahalanobis_pooled", pooled)):
+        col = np.full(out.n_obs, np.nan)
+        col[have] = values
+        out.obs[name] = col
     out.uns[f"{rep}_label_means"], out.uns[f"{rep}_label_precisions"] = means, precisions
 
 
-def build_reference(adata, *, atlas: str, reference: str, label_key: str, vae=None, n_neighbors: int = 10,
-                    seed: int = 0):
+def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: int = 0):
     """The reference map of ``adata`` (the reference's embed.h5ad) as a compact AnnData.
 
-    ``vae`` is the reference's train/vae embedding AnnData (for the latent method) or None.
     The map has no expression matrix: ``var`` holds each gene's mean and sd (log-normalized),
     ``highly_variable``, its id, and its mean share of a cell's counts; ``varm["PCs"]``; ``obs``
-    the label; ``obsm`` the PCA, UMAP (and VAE) coordinates; ``obsp`` their kNN distances.
+    the label; ``obsm`` the PCA and UMAP coordinates; ``obsp`` the kNN distances; ``uns`` the
+    label Gaussians and the median library size.
     """
     import anndata as ad
 
@@ -226,9 +234,11 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, vae=No
                         "highly_variable": adata.var["highly_variable"].to_numpy(bool)}, index=adata.var_names.copy())
     if (idc := _id_column(adata.var)) is not None:
         var[idc] = adata.var[idc].astype(str).to_numpy()
+    median_library = 0.0
     if keys.COUNTS_LAYER in adata.layers:
         counts = sp.csr_matrix(adata.layers[keys.COUNTS_LAYER], dtype=np.float64)
         lib = np.asarray(counts.sum(axis=1)).ravel()
+        median_library = float(np.median(lib))
         lib[lib == 0] = 1.0
         var["count_share"] = np.asarray(sp.diags(1.0 / lib).dot(counts).mean(axis=0)).ravel()
     obs = pd.DataFrame({keys.LABEL: pd.Categorical(labels.astype("string").astype(object).where(labels.notna(), None))},
@@ -238,25 +248,48 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, vae=No
     out.obsp[GRAPH[PCA]] = sp.csr_matrix(adata.obsp["distances"])
     _add_label_models(out, PCA, seed)
     neighbors = dict(adata.uns["neighbors"]["params"])
-    summary: dict[str, Any] = {"n_cells": adata.n_obs, "n_genes": adata.n_vars, "n_hvg": int(var["highly_variable"].sum()),
-                               "n_labels": int(labels.nunique()), "n_pcs": int(adata.obsm[PCA].shape[1])}
-    if vae is not None:
-        import scanpy as sc
-
-        if not vae.obs_names.equals(adata.obs_names):
-            raise AtlasError(atlas, f"reference '{reference}': the VAE embedding's cells differ from the cluster stage's")
-        tmp = ad.AnnData(obs=pd.DataFrame(index=vae.obs_names), obsm={VAE: vae.obsm[VAE]})
-        # the graph train_vae built its UMAP on (same parameters and seed), kept for placing queries
-        sc.pp.neighbors(tmp, n_neighbors=int(neighbors["n_neighbors"]), use_rep=VAE, random_state=seed)
-        out.obsm[VAE], out.obsm[VAE_UMAP] = vae.obsm[VAE], vae.obsm[VAE_UMAP]
-        out.obsp[GRAPH[VAE]] = tmp.obsp["distances"]
-        _add_label_models(out, VAE, seed)
-        summary["n_latent"] = int(vae.obsm[VAE].shape[1])
     out.uns["neighbors"] = {"n_neighbors": int(neighbors["n_neighbors"]), "random_state": int(neighbors.get("random_state", seed))}
     out.uns["umap"] = {k: float(v) for k, v in adata.uns["umap"]["params"].items() if k in ("a", "b")}
+    out.uns["median_library"] = median_library
+    summary: dict[str, Any] = {"n_cells": adata.n_obs, "n_genes": adata.n_vars, "n_hvg": int(var["highly_variable"].sum()),
+                               "n_labels": int(labels.nunique()), "n_pcs": int(adata.obsm[PCA].shape[1])}
     out.uns[keys.UNS_KEY] = {"atlas_reference": {"atlas": atlas, "reference": reference, "label_key": label_key,
                                                  "summary": summary}}
     return out, summary
+
+
+def build_reference_vae(ref, vae, *, atlas: str, reference: str, seed: int = 0):
+    """The VAE part of the map: ``vae`` (the reference's train/vae embedding) with the map's
+    labels, the latent space's kNN graph (as train_vae built its UMAP) and its label Gaussians.
+
+    Kept apart from the PCA map, so that retraining the VAE reruns only the latent mappings.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    if not vae.obs_names.equals(ref.obs_names):
+        raise AtlasError(atlas, f"reference '{reference}': the VAE embedding's cells differ from the reference map's")
+    out = ad.AnnData(obs=ref.obs[[keys.LABEL]].copy(), obsm={VAE: vae.obsm[VAE], VAE_UMAP: vae.obsm[VAE_UMAP]})
+    sc.pp.neighbors(out, n_neighbors=int(ref.uns["neighbors"]["n_neighbors"]), use_rep=VAE, random_state=seed)
+    out.obsp[GRAPH[VAE]] = out.obsp.pop("distances")
+    del out.obsp["connectivities"], out.uns["neighbors"]
+    _add_label_models(out, VAE, seed)
+    return out, {"n_cells": out.n_obs, "n_latent": int(vae.obsm[VAE].shape[1])}
+
+
+def with_vae(ref, vae_map):
+    """The map with its VAE part added (in memory)."""
+    if not vae_map.obs_names.equals(ref.obs_names):
+        raise ValueError("the VAE map's cells differ from the reference map's")
+    ref = ref.copy()
+    for key in (VAE, VAE_UMAP):
+        ref.obsm[key] = vae_map.obsm[key]
+    ref.obsp[GRAPH[VAE]] = vae_map.obsp[GRAPH[VAE]]
+    for col in (f"{VAE}_mahalanobis", f"{VAE}_mahalanobis_pooled"):
+        ref.obs[col] = vae_map.obs[col].to_numpy()
+    for key in (f"{VAE}_label_means", f"{VAE}_label_precisions"):
+        ref.uns[key] = vae_map.uns[key]
+    return ref
 
 
 # -- the three methods -----------------------------------------------------------------------------
@@ -332,12 +365,15 @@ def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int, seed
 
     means, precisions = ref.uns[f"{rep}_label_means"], ref.uns[f"{rep}_label_precisions"]
     null = ref.obs[f"{rep}_mahalanobis"].to_numpy()
+    pooled = ref.obs[f"{rep}_mahalanobis_pooled"].to_numpy()
     distance = np.zeros(len(query_rep))
     near = np.zeros(len(query_rep))
     for c in np.unique(best):
         rows = best == c
+        own = codes == c
+        reference = null[own] if own.sum() >= MIN_LABEL_CELLS else pooled[np.isfinite(pooled)]
         distance[rows] = mahalanobis(query_rep[rows], means[c], precisions[c])
-        near[rows] = proximity(distance[rows], null[codes == c])
+        near[rows] = proximity(distance[rows], reference)
     table = pd.DataFrame({"best_label": categories[best], "agreement": agreement, "proximity": near,
                           "mahalanobis": distance})
     return table, coords
@@ -449,16 +485,15 @@ def agreement_between(labels: Mapping[str, pd.Series]) -> pd.DataFrame:
 # -- the rules' jobs -------------------------------------------------------------------------------
 
 
-def reference_job(*, embed: str, vae: str | None, outputs: Mapping[str, str], atlas: str, reference: str,
-                  label_key: str, seed: int = 0, run=None) -> dict[str, Any]:
+def reference_job(*, embed: str, outputs: Mapping[str, str], atlas: str, reference: str, label_key: str,
+                  seed: int = 0, run=None) -> dict[str, Any]:
     """The atlas_reference rule: gather the reference map once; plot it."""
     import anndata as ad
 
     from cellatlas import plotting
 
     adata = ad.read_h5ad(embed)
-    emb = ad.read_h5ad(vae) if vae else None
-    ref, summary = build_reference(adata, atlas=atlas, reference=reference, label_key=label_key, vae=emb, seed=seed)
+    ref, summary = build_reference(adata, atlas=atlas, reference=reference, label_key=label_key, seed=seed)
     ref.write_h5ad(outputs["h5ad"])
     plotting.embedding(ref.obsm[UMAP], {label_key: ref.obs[keys.LABEL]}, outputs["umap"], basis="UMAP",
                        title=f"atlas {atlas}: reference {reference} ({ref.n_obs} cells)")
@@ -468,19 +503,46 @@ def reference_job(*, embed: str, vae: str | None, outputs: Mapping[str, str], at
     return summary
 
 
+def reference_vae_job(*, reference_map: str, vae: str, output: str, atlas: str, reference: str, seed: int = 0,
+                      run=None) -> dict[str, Any]:
+    """The atlas_reference_vae rule: the VAE part of the map, once per atlas."""
+    import anndata as ad
+
+    out, summary = build_reference_vae(ad.read_h5ad(reference_map), ad.read_h5ad(vae), atlas=atlas,
+                                       reference=reference, seed=seed)
+    out.write_h5ad(output)
+    if run is not None:
+        run.log_metrics(summary)
+    return summary
+
+
 def best_model(comparison: str) -> str:
     """The top-ranked model of a classify task's comparison table."""
     table = pd.read_csv(comparison, sep="\t")
     return str(table.sort_values("rank")["model"].iloc[0])
 
 
-def _query_counts(q) -> sp.csr_matrix:
-    """The query's counts; for log-normalized data, pseudo-counts expm1(X) (depth-normalized)."""
+def _query_counts(q, median_library: float) -> sp.csr_matrix:
+    """The query's counts. Log-normalized data have none: pseudo-counts ``expm1(X)``, each cell
+    rescaled to the reference's median library size (the depth the VAE's encoder was trained at)."""
     if keys.COUNTS_LAYER in q.layers:
         return sp.csr_matrix(q.layers[keys.COUNTS_LAYER], dtype=np.float32)
-    X = sp.csr_matrix(q.X, dtype=np.float32, copy=True)
+    X = sp.csr_matrix(q.X, dtype=np.float64, copy=True)
     X.data = np.expm1(X.data)
-    return X
+    if median_library > 0:
+        total = np.asarray(X.sum(axis=1)).ravel()
+        total[total == 0] = 1.0
+        X = sp.diags(median_library / total) @ X
+    return sp.csr_matrix(X, dtype=np.float32)
+
+
+#: cells per block where a query's missing genes are filled in (dense there)
+BLOCK = 4096
+
+
+def _blocks(n: int):
+    for start in range(0, n, BLOCK):
+        yield slice(start, min(start + BLOCK, n))
 
 
 def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_neighbors: int = 15,
@@ -488,8 +550,9 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
               model=None):
     """Map ``q`` (the query's normalize.h5ad) onto the map ``ref`` with one method.
 
-    Every method places the cells in the reference PCA (``obsm["X_atlas_pca"]``) and UMAP; the
-    latent method also in the VAE space and its UMAP. Returns the per-cell table (``predicted``,
+    Every method places the cells in the reference PCA (``obsm["X_atlas_pca"]``); projection and
+    classifier in its UMAP (``X_atlas_umap``), latent in the VAE space and its UMAP instead
+    (``X_atlas_vae``, ``X_atlas_umap_vae``). ``ref`` must hold the VAE part for the latent method. Returns the per-cell table (``predicted``,
     ``best_label``, ``confidence`` and the method's parts of it), the obsm entries and a
     summary of the gene alignment.
     """
@@ -511,11 +574,12 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
             raise AtlasError(atlas, f"reference '{reference}': the VAE checkpoint names genes the map lacks")
         sub = GeneAlignment(key=align.key, columns=align.columns[genes])
         info["n_shared_vae_genes"] = check_overlap(sub, np.ones(len(genes), bool), what="the VAE", **where)
-        counts = _query_counts(q)
+        counts = _query_counts(q, float(ref.uns.get("median_library", 0.0)))
         share = ref.var["count_share"].to_numpy()[genes]
         # a gene the query lacks gets its reference share of the cell's counts
         lib = np.asarray(counts[:, sub.columns[sub.present]].sum(axis=1)).ravel() / max(share[sub.present].sum(), 1e-12)
-        latent = encode_latent(plan, sub.matrix(counts, fill=share, row_scale=lib))
+        latent = np.vstack([encode_latent(plan, sub.matrix(counts[rows], fill=share, row_scale=lib[rows]))
+                            for rows in _blocks(q.n_obs)])
         table, coords = knn_transfer(ref, VAE, latent, n_neighbors=n_neighbors, seed=seed)
         obsm.update({"X_atlas_vae": latent, "X_atlas_umap_vae": coords})
     else:
@@ -529,15 +593,18 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
                                         f"the reference map has {ref.n_vars}")
             info["n_shared_model_genes"] = check_overlap(align, np.ones(ref.n_vars, bool), what="the classifier", **where)
             # a gene the query lacks is set to its reference mean
-            table = classifier_transfer(model, align.matrix(q.X, fill=ref.var["mean"].to_numpy()))
+            fill = ref.var["mean"].to_numpy()
+            table = pd.concat([classifier_transfer(model, align.matrix(q.X[rows], fill=fill))
+                               for rows in _blocks(q.n_obs)], ignore_index=True)
     table = assign(table, min_confidence=min_confidence)
     table.index = q.obs_names
     return table, obsm, info
 
 
 def map_job(*, reference_map: str, query_h5ad: str, outputs: Mapping[str, str], atlas: str, reference: str,
-            query: str, method: str, mapping: Mapping[str, Any], seed: int = 0, vae_checkpoint: str | None = None,
-            comparison: str | None = None, models: Mapping[str, str] | None = None, run=None) -> dict[str, Any]:
+            query: str, method: str, mapping: Mapping[str, Any], seed: int = 0, reference_vae: str | None = None,
+            vae_checkpoint: str | None = None, comparison: str | None = None, models: Mapping[str, str] | None = None,
+            run=None) -> dict[str, Any]:
     """The atlas_map rule: map one query with one method, evaluate, plot, write every output."""
     import anndata as ad
     import joblib
@@ -545,6 +612,8 @@ def map_job(*, reference_map: str, query_h5ad: str, outputs: Mapping[str, str], 
     from cellatlas import plotting
 
     ref = ad.read_h5ad(reference_map)
+    if reference_vae:
+        ref = with_vae(ref, ad.read_h5ad(reference_vae))
     q = ad.read_h5ad(query_h5ad)
     model, chosen = None, ""
     if method == "classifier":

@@ -222,6 +222,9 @@ def _atlas_task(where: str, ref: str, label_key: str, named: str | None, tasks: 
         if spec is None or spec["kind"] != keys.CLASSIFICATION:
             raise ConfigError(f"config key '{where}.classify_task': reference '{ref}' has no classification task "
                               f"'{named}' in classify.tasks")
+        if spec["target"] != label_key:
+            raise ConfigError(f"config key '{where}.classify_task': task '{named}' predicts '{spec['target']}', "
+                              f"the atlas transfers '{label_key}'")
         return named
     found = [t for (ds, t), spec in tasks.items()
              if ds == ref and spec["kind"] == keys.CLASSIFICATION and spec["target"] == label_key]

@@ -168,7 +168,12 @@ def subset(adata, dataset: str, *, keep: dict[str, list] | None = None, drop: di
             if column not in adata.obs:
                 avail = ", ".join(map(str, list(adata.obs.columns)[:12]))
                 raise InputDataError(dataset, f"subset.{rule}: '{column}' is not an obs column (columns: {avail})")
-            hit = adata.obs[column].astype(str).isin([str(v) for v in values]).to_numpy()
+            col = adata.obs[column]
+            if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+                hit = col.isin([v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)])
+            else:  # categories, strings, booleans: as the config spells them
+                hit = col.astype(str).isin([str(v) for v in values])
+            hit = hit.to_numpy()
             mask &= hit if rule == "keep" else ~hit
     if not mask.any():
         raise InputDataError(dataset, f"subset keep={keep or {}} drop={drop or {}} leaves no cells")
