@@ -102,12 +102,17 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], path: str, *, ba
             pts = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=values.to_numpy()[order], cmap="viridis", rasterized=True)
             fig.colorbar(pts, ax=ax)
         ax.set_title(name)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"{basis} 1")
-        ax.set_ylabel(f"{basis} 2")
+        _embedding_axes(ax, basis)
     fig.suptitle(title)
     _save(fig, path)
+
+
+def _embedding_axes(ax, basis: str) -> None:
+    """No ticks (embedding coordinates carry no units), axes named after the basis."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{basis} 1")
+    ax.set_ylabel(f"{basis} 2")
 
 
 def annotation_colors(obs: pd.DataFrame) -> dict[str, pd.Series]:
@@ -216,10 +221,7 @@ def joint_embedding(reference: np.ndarray, ref_labels: pd.Series, query: np.ndar
     fig.colorbar(pts, ax=axes[2], label="confidence")
     axes[2].set_title("query, by confidence")
     for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(f"{basis} 1")
-        ax.set_ylabel(f"{basis} 2")
+        _embedding_axes(ax, basis)
     fig.suptitle(title)
     _save(fig, path)
 
