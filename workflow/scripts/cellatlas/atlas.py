@@ -133,16 +133,6 @@ def check_overlap(alignment: GeneAlignment, mask: np.ndarray, *, atlas: str, ref
 # -- the reference map -----------------------------------------------------------------------------
 
 
-def _mean_sd(X) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and population sd of a sparse matrix, as embed.pca scales them."""
-    X = sp.csr_matrix(X, dtype=np.float64)
-    mean = np.asarray(X.mean(axis=0)).ravel()
-    sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
-    sd = np.sqrt(np.maximum(sq - mean**2, 0.0))
-    sd[sd == 0] = 1.0
-    return mean, sd
-
-
 #: labels with fewer reference cells get the pooled within-label covariance and distances
 MIN_LABEL_CELLS = 10
 
@@ -229,7 +219,9 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: 
         raise AtlasError(atlas, f"reference '{reference}': label '{UNASSIGNED}' is reserved for cells the mapping "
                                 "cannot assign")
     scaled = bool(adata.uns.get("pca", {}).get("params", {}).get("scale", True))
-    mean, sd = _mean_sd(adata.X)
+    from cellatlas.embed import gene_mean_sd
+
+    mean, sd = gene_mean_sd(adata.X)
     var = pd.DataFrame({"mean": mean, "sd": sd if scaled else np.ones_like(sd),
                         "highly_variable": adata.var["highly_variable"].to_numpy(bool)}, index=adata.var_names.copy())
     if (idc := _id_column(adata.var)) is not None:
@@ -331,21 +323,23 @@ def _ingest(ref, rep: str, seed: int):
     return Ingest(bare)
 
 
-def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int, seed: int = 0):
-    """Labels of ``query_rep``'s k nearest reference cells, with agreement and proximity.
-
-    Returns the per-cell table (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``)
-    and the cells' coordinates in the reference UMAP of ``rep``.
-    """
+def place_in_umap(ref, rep: str, query_rep: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """The cells' coordinates in the reference UMAP of ``rep`` (umap-learn's transform via Ingest)."""
     import anndata as ad
-    from sklearn.neighbors import NearestNeighbors
 
     ing = _ingest(ref, rep, seed)
     query = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(query_rep.shape[0])]),
                        obsm={"rep": np.ascontiguousarray(query_rep, dtype=np.float32)})
     ing.fit(query)
     ing.map_embedding("umap")
-    coords = np.asarray(ing._obsm["X_umap"], dtype=np.float32)
+    return np.asarray(ing._obsm["X_umap"], dtype=np.float32)
+
+
+def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> pd.DataFrame:
+    """Labels of ``query_rep``'s k nearest reference cells, with agreement and proximity
+    (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``)."""
+    from sklearn.neighbors import NearestNeighbors
+
     # Exact neighbours for the vote: Ingest's own search (pynndescent, seeded from the reference
     # graph) returned wrong neighbours for 12% of a simulated query, exact search for none.
     k = min(int(n_neighbors), ref.n_obs)
@@ -374,9 +368,8 @@ def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int, seed
         reference = null[own] if own.sum() >= MIN_LABEL_CELLS else pooled[np.isfinite(pooled)]
         distance[rows] = mahalanobis(query_rep[rows], means[c], precisions[c])
         near[rows] = proximity(distance[rows], reference)
-    table = pd.DataFrame({"best_label": categories[best], "agreement": agreement, "proximity": near,
-                          "mahalanobis": distance})
-    return table, coords
+    return pd.DataFrame({"best_label": categories[best], "agreement": agreement, "proximity": near,
+                         "mahalanobis": distance})
 
 
 def encode_latent(plan, counts: sp.csr_matrix) -> np.ndarray:
@@ -580,13 +573,13 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
         lib = np.asarray(counts[:, sub.columns[sub.present]].sum(axis=1)).ravel() / max(share[sub.present].sum(), 1e-12)
         latent = np.vstack([encode_latent(plan, sub.matrix(counts[rows], fill=share, row_scale=lib[rows]))
                             for rows in _blocks(q.n_obs)])
-        table, coords = knn_transfer(ref, VAE, latent, n_neighbors=n_neighbors, seed=seed)
-        obsm.update({"X_atlas_vae": latent, "X_atlas_umap_vae": coords})
+        table = knn_transfer(ref, VAE, latent, n_neighbors=n_neighbors)
+        obsm.update({"X_atlas_vae": latent, "X_atlas_umap_vae": place_in_umap(ref, VAE, latent, seed=seed)})
     else:
-        knn, coords = knn_transfer(ref, PCA, pcs, n_neighbors=n_neighbors, seed=seed)
-        obsm["X_atlas_umap"] = coords
-        table = knn
-        if method == "classifier":
+        obsm["X_atlas_umap"] = place_in_umap(ref, PCA, pcs, seed=seed)
+        if method == "projection":
+            table = knn_transfer(ref, PCA, pcs, n_neighbors=n_neighbors)
+        else:
             n_features = getattr(model, "n_features_in_", ref.n_vars)
             if n_features != ref.n_vars:
                 raise AtlasError(atlas, f"reference '{reference}': the classify model reads {n_features} genes, "

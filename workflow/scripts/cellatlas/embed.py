@@ -18,6 +18,17 @@ from cellatlas import keys
 log = logging.getLogger(__name__)
 
 
+def gene_mean_sd(X) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and population sd of a sparse matrix (sd 1 for a constant gene): the
+    scaling PCA uses, and the one an atlas applies to a query projected onto it."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
+    sd = np.sqrt(np.maximum(sq - mean**2, 0.0))
+    sd[sd == 0] = 1.0
+    return mean, sd
+
+
 def pca(adata, *, n_pcs: int = 40, scale: bool = True, seed: int = 0) -> dict:
     """PCA of the HVG submatrix.
 
@@ -33,10 +44,7 @@ def pca(adata, *, n_pcs: int = 40, scale: bool = True, seed: int = 0) -> dict:
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
     X = X.astype(np.float64)
     if scale:
-        mean = np.asarray(X.mean(axis=0)).ravel()
-        sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
-        sd = np.sqrt(np.maximum(sq - mean**2, 0.0))
-        sd[sd == 0] = 1.0
+        _, sd = gene_mean_sd(X)
         X = X @ sp.diags(1.0 / sd)
     n_comps = int(min(n_pcs, X.shape[0] - 1, X.shape[1] - 1))
     import anndata as ad

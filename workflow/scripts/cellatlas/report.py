@@ -54,17 +54,18 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
 
 
 
-def summarize_models(tables: Iterable[str | Path]) -> pd.DataFrame:
-    """Every task's model comparison in one table (dataset, task, split, model, scores, rank, test)."""
+def _stack(tables: Iterable[str | Path], *, first: list[str], by: list[str]) -> pd.DataFrame:
     frames = [pd.read_csv(p, sep="\t") for p in tables]
     if not frames:
-        return pd.DataFrame(columns=["dataset", "task", "kind", "split", "model", "rank"])
-    return pd.concat(frames, ignore_index=True).sort_values(["dataset", "task", "rank"]).reset_index(drop=True)
+        return pd.DataFrame(columns=first)
+    return pd.concat(frames, ignore_index=True).sort_values(by).reset_index(drop=True)
+
+
+def summarize_models(tables: Iterable[str | Path]) -> pd.DataFrame:
+    """Every task's model comparison in one table (dataset, task, split, model, scores, rank, test)."""
+    return _stack(tables, first=["dataset", "task", "kind", "split", "model", "rank"], by=["dataset", "task", "rank"])
 
 
 def summarize_atlases(tables: Iterable[str | Path]) -> pd.DataFrame:
     """Every atlas x query x method in one table (scores, unassigned shares, run ids)."""
-    frames = [pd.read_csv(p, sep="\t") for p in tables]
-    if not frames:
-        return pd.DataFrame(columns=["atlas", "reference", "query", "method"])
-    return pd.concat(frames, ignore_index=True).sort_values(["atlas", "query", "method"]).reset_index(drop=True)
+    return _stack(tables, first=["atlas", "reference", "query", "method"], by=["atlas", "query", "method"])
