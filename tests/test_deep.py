@@ -239,3 +239,62 @@ def test_vae_checkpoint_carries_genes_and_encodes_a_new_batch(counts, tmp_path):
     seen, _ = plan.net.encode(x, torch.zeros(6, dtype=torch.long))
     unseen, _ = plan.net.encode(x, torch.full((6,), 7))  # a batch the model never saw: no batch vector
     assert seen.shape == unseen.shape == (6, 4) and torch.isfinite(unseen).all()
+
+
+def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
+    """Lightning believes SLURM's task count; a Snakemake job is one task, so for two devices the
+    fit must start its own processes and not take SLURM's environment."""
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    from cellatlas.deep.training import TrainerSettings, launch_plan
+
+    for var in [v for v in __import__("os").environ if v.startswith("SLURM_")]:
+        monkeypatch.delenv(var)
+    assert launch_plan(TrainerSettings(devices=1)) == ("auto", [], 1)
+    assert launch_plan(TrainerSettings(accelerator="cpu", devices=2)) == ("ddp_spawn", [], 2)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "rule_train_vae")
+    strategy, plugins, n = launch_plan(TrainerSettings(accelerator="cpu", devices=2))
+    assert (strategy, n) == ("ddp_spawn", 2) and len(plugins) == 1 and isinstance(plugins[0], LightningEnvironment)
+    # launched by srun with one task per device: SLURM's own environment is right
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp")) == ("ddp", [], 2)
+    # an explicit strategy is kept
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp_fork"))[0] == "ddp_fork"
+
+
+def test_two_process_fit_hands_back_its_history_and_best_epoch(tmp_path):
+    """A real two-process fit (spawned workers on the CPU): the calling process gets the best
+    epoch's weights, the whole history and the number of processes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT
+
+    script = tmp_path / "fit2.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT / "workflow" / "scripts")!r})
+        import numpy as np, scipy.sparse as sp
+        from cellatlas.deep.estimator import MLPClassifier
+
+        def main():
+            rng = np.random.default_rng(0)
+            y = rng.integers(0, 3, 600)
+            X = sp.csr_matrix((rng.poisson(1.0, (600, 30)) + 20 * np.eye(3)[y].repeat(10, 1)).astype(np.float32))
+            m = MLPClassifier(hidden=(16,), max_epochs=4, patience=10, n_jobs=1, lr=0.01,
+                              trainer={{"accelerator": "cpu", "devices": 2}})
+            m.fit(X, y)
+            print(json.dumps({{**m.fit_summary_, "history": len(m.history_), "acc": float((m.predict(X) == y.astype(str)).mean())}}))
+
+        if __name__ == "__main__":
+            main()
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert out["processes"] == 2 and out["epochs"] == 4 and out["history"] == 4
+    assert out["best_val_loss"] > 0 and 0 <= out["best_epoch"] < 4
+    assert out["acc"] > 0.5

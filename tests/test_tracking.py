@@ -62,3 +62,65 @@ def test_sigterm_marks_run_killed(store, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id], "tags.`cellatlas.stage` = 'cluster'")
     assert run.info.status == "KILLED"
+
+
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_the_job_fast_with_one_line_and_no_record(tmp_path, monkeypatch):
+    import time
+
+    from cellatlas.errors import TrackingError
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv(tracking.ENV_URI, uri)
+    record = tmp_path / "run.json"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        with tracking.stage_run("qc", "d1", params={}, record=record):
+            raise AssertionError("the stage must not start")
+    assert time.monotonic() - t0 < 60
+    message = str(err.value)
+    assert uri in message and "tracking.uri" in message and "\n" not in message
+    assert not record.exists()
+
+
+def test_server_check_answers_for_a_live_server_and_ignores_local_stores(tmp_path):
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.check_server(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    tracking.check_server(f"sqlite:///{tmp_path / 'x.db'}")  # no server to ask
+
+
+def test_a_workflow_with_an_unreachable_server_starts_no_job(tmp_path):
+    import yaml
+    from conftest import ROOT
+    from workflow_utils import make_workdir, snakemake
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["tracking"]["uri"] = f"http://127.0.0.1:{_closed_port()}"
+    w = make_workdir(tmp_path / "wf", config)
+    r = snakemake(w, "--cores", "1")
+    assert r.returncode != 0
+    assert "cannot be reached from host" in r.stderr and config["tracking"]["uri"] in r.stderr
+    assert not list((w / "results").glob("*/ingest.h5ad"))

@@ -20,7 +20,7 @@ rule atlas_reference:
     benchmark:
         "results/atlas/{atlas}/benchmarks/reference.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/atlas_reference.py"
 
@@ -40,7 +40,7 @@ rule atlas_reference_vae:
     benchmark:
         "results/atlas/{atlas}/benchmarks/reference_vae.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/atlas_reference_vae.py"
 
@@ -74,7 +74,7 @@ rule atlas_map:
     benchmark:
         "results/atlas/{atlas}/benchmarks/{dataset}/{method}.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/atlas_map.py"
 
@@ -91,6 +91,6 @@ rule atlas_compare:
     log:
         "results/atlas/{atlas}/logs/{dataset}/comparison.log",
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/atlas_compare.py"

@@ -19,7 +19,7 @@ rule classify_split:
     benchmark:
         "results/{dataset}/benchmarks/{kind}/{task}/split.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/classify_split.py"
 
@@ -55,7 +55,7 @@ rule classify_model:
     benchmark:
         "results/{dataset}/benchmarks/classify/{task}/{model}.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/classify_model.py"
 
@@ -87,7 +87,7 @@ rule regress_model:
     benchmark:
         "results/{dataset}/benchmarks/regress/{task}/{model}.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/classify_model.py"
 
@@ -113,6 +113,6 @@ rule classify_compare:
     log:
         "results/{dataset}/logs/{kind}/{task}/comparison.log",
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/classify_compare.py"

@@ -15,6 +15,6 @@ rule cluster:
     benchmark:
         "results/{dataset}/benchmarks/cluster.tsv"
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/cluster.py"

@@ -6,10 +6,13 @@ from pathlib import Path
 # The library lives beside the scripts; the Snakefile needs it too (config checks, hooks).
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
-from cellatlas.errors import ConfigError  # noqa: E402
+from cellatlas.errors import CellAtlasError, ConfigError  # noqa: E402
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
-PIPELINE_ENV = "../../envs/pipeline.yaml"
+# conda environments (`--sdm conda`): the scanpy stages need no torch; the supervised, training
+# and atlas stages do (tests/test_environment.py checks each covers its rules' imports)
+SCANPY_ENV = "../../envs/scanpy.yaml"
+LEARN_ENV = "../../envs/learn.yaml"
 STAGE_FILES = ("ingest", "qc", "normalize", "embed", "cluster")
 PATH_SOURCES = ("10x_mtx", "10x_h5", "h5ad", "csv")
 
@@ -208,6 +211,18 @@ def get_final_outputs():
     ]
 
 
+def get_train_gpus():
+    """GPUs a training job asks for: one per device of train.trainer (none when it trains on the CPU).
+
+    Under SLURM this is the job's --gpus; a local run does not count it against anything.
+    """
+    trainer = config["train"]["trainer"]
+    if trainer["accelerator"] == "cpu":
+        return 0
+    devices = str(trainer["devices"])
+    return int(devices) if devices.isdigit() and int(devices) > 0 else 1
+
+
 def get_tracking_uri():
     from cellatlas.tracking import default_uri
 
@@ -222,7 +237,13 @@ def start_tracking():
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(".snakemake", "numba-cache").resolve()))
     Path("results").mkdir(exist_ok=True)
-    start_parent(uri=get_tracking_uri(), experiment=config["tracking"]["experiment"], config=config, workdir=os.getcwd())
+    experiment = config["tracking"]["experiment"]
+    try:
+        start_parent(uri=get_tracking_uri(), experiment=experiment, config=config, workdir=os.getcwd())
+    except CellAtlasError as e:  # the tracking server is not there: no job starts
+        # one line and a failed exit (a WorkflowError raised here trips Snakemake's error formatter)
+        print(f"cellatlas error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def end_tracking(status):

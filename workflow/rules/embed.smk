@@ -18,6 +18,6 @@ rule embed:
     benchmark:
         "results/{dataset}/benchmarks/embed.tsv"
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/embed.py"

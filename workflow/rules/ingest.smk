@@ -6,7 +6,7 @@ rule download:
     log:
         "results/{dataset}/logs/download_{filename}.log",
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/download.py"
 
@@ -24,6 +24,6 @@ rule ingest:
     benchmark:
         "results/{dataset}/benchmarks/ingest.tsv"
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/ingest.py"

@@ -15,6 +15,6 @@ rule normalize:
     benchmark:
         "results/{dataset}/benchmarks/normalize.tsv"
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/normalize.py"

@@ -18,6 +18,6 @@ rule qc:
     benchmark:
         "results/{dataset}/benchmarks/qc.tsv"
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/qc.py"

@@ -11,6 +11,6 @@ rule summary:
     log:
         "results/logs/summary.log",
     conda:
-        PIPELINE_ENV
+        SCANPY_ENV
     script:
         "../scripts/summary.py"

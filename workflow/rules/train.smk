@@ -1,8 +1,8 @@
 # Lightning models. An mlp is one more model of a classify task: same folds, same metrics, same
 # comparison table as the scikit-learn models, but trained by Lightning and allowed a GPU. The
 # VAE learns an embedding of a dataset's counts, clustered and compared with the PCA one.
-# Both declare gpu=1: under the SLURM profile that sends them to a GPU partition; a local run
-# (no --resources gpu=...) does not limit it and Lightning takes what is there.
+# Both ask for one GPU per train.trainer device: under the SLURM profile that sends them to a GPU
+# partition; a local run (no --resources gpu=...) does not limit it and Lightning takes what is there.
 
 
 rule train_mlp:
@@ -34,13 +34,13 @@ rule train_mlp:
         seed=config["seed"],
     threads: 4
     resources:
-        gpu=1,
+        gpu=get_train_gpus(),
     log:
         "results/{dataset}/logs/classify/{task}/{model}.log",
     benchmark:
         "results/{dataset}/benchmarks/classify/{task}/{model}.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/train_mlp.py"
 
@@ -64,12 +64,12 @@ rule train_vae:
         seed=config["seed"],
     threads: 4
     resources:
-        gpu=1,
+        gpu=get_train_gpus(),
     log:
         "results/{dataset}/logs/train_vae.log",
     benchmark:
         "results/{dataset}/benchmarks/train_vae.tsv"
     conda:
-        PIPELINE_ENV
+        LEARN_ENV
     script:
         "../scripts/train_vae.py"

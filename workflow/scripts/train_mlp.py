@@ -15,4 +15,6 @@ def body(smk, run):
     )
 
 
-run_stage(snakemake, "train", body)  # noqa: F821
+# guarded: data-parallel training spawns workers that import this file again
+if __name__ == "__main__":
+    run_stage(snakemake, "train", body)  # noqa: F821

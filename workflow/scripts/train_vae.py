@@ -17,4 +17,6 @@ def body(smk, run):
     )
 
 
-run_stage(snakemake, "train", body, part="vae")  # noqa: F821
+# guarded: data-parallel training spawns workers that import this file again
+if __name__ == "__main__":
+    run_stage(snakemake, "train", body, part="vae")  # noqa: F821

@@ -37,3 +37,7 @@ class AtlasError(CellAtlasError):
         super().__init__(f"atlas '{atlas}': {problem}")
         self.atlas = atlas
         self.problem = problem
+
+
+class TrackingError(CellAtlasError):
+    """The MLflow tracking server cannot be reached: the job stops before it computes anything."""

@@ -6,6 +6,11 @@ opens its own child run with :func:`stage_run`, which never leaves a run RUNNING
 exception or a termination signal marks it FAILED/KILLED with the traceback as an artifact,
 then the error goes on. Results are files first; each child writes a JSON record with its run
 id and metrics into a declared output, so every result is traceable to its run.
+
+A tracking server that cannot be reached fails the job before it computes anything, within
+about half a minute, with one line naming the server and the host (:func:`check_server`): a
+result that is not in the tracker is never produced silently. A server lost in the middle of a
+job fails it once MLflow's own retries (2, set by the Snakefile) are spent.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from cellatlas.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,37 @@ def default_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'results' / 'mlflow.db'}"
 
 
+def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: float = 2.0) -> None:
+    """Raise :class:`TrackingError` unless the http(s) tracking server at ``uri`` answers ``/health``.
+
+    ``attempts`` tries of ``timeout`` seconds each: a restart or a slow network is waited out, a
+    server that is down or not reachable from this node fails in under a minute. Other stores
+    (SQLite, files) need no server and pass.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    problem = ""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as e:
+            problem = f"HTTP {e.code} {e.reason}"
+        except (OSError, ValueError) as e:  # refused, unknown host, timeout, malformed address
+            problem = str(getattr(e, "reason", e)) or type(e).__name__
+        if attempt + 1 < attempts:
+            time.sleep(pause)
+    raise TrackingError(
+        f"MLflow tracking server {uri} (tracking.uri or MLFLOW_TRACKING_URI) cannot be reached from host "
+        f"{socket.gethostname()} after {attempts} tries: {problem}; start it, or check that this node can reach it"
+    )
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -111,6 +150,7 @@ def start_parent(
     *, uri: str, experiment: str, config: Mapping[str, Any], workdir: str | Path, run_name: str | None = None
 ) -> str:
     """Create the invocation's parent run and export what jobs need to hang under it."""
+    check_server(uri)
     chash = config_hash(config)
     os.environ.update(
         {ENV_URI: uri, ENV_EXPERIMENT: experiment, ENV_CONFIG_HASH: chash, ENV_GIT_COMMIT: git_commit(workdir)}
@@ -270,6 +310,7 @@ def stage_run(
     uri = os.environ.get(ENV_URI) or default_uri(workdir)
     experiment = os.environ.get(ENV_EXPERIMENT, DEFAULT_EXPERIMENT)
     parent = os.environ.get(ENV_PARENT)
+    check_server(uri)
     client = _client(uri)
     exp_id = _experiment_id(client, experiment, uri)
     run_tags = {**common_tags(), **(tags or {}), TAG_STAGE: stage, TAG_STATUS: "running", "cellatlas.kind": "stage"}

@@ -8,11 +8,17 @@
 * Live metrics: Lightning's MLflow logger writes into the stage's own run (explicit tracking
   URI; the run's lifecycle stays with the stage, so the logger never closes it).
 * No progress bars (they garble non-interactive logs); the log gets one line per epoch.
+* Data parallel on one node (``devices`` > 1): when nothing started one process per device (a
+  local run, or a SLURM job whose step has one task, which is how Snakemake starts a job),
+  Lightning starts them itself (``ddp_spawn``) and is told not to take SLURM's task count as the
+  world size; otherwise it would train in one process and say nothing. The fit's history and
+  best epoch then come back from the workers' checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -25,6 +31,10 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.environments import (
+    LightningEnvironment,
+    SLURMEnvironment,
+)
 
 from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS
 
@@ -86,8 +96,43 @@ class StageRunLogger(MLFlowLogger):
         pass  # the best checkpoint is a declared output, logged once by the stage
 
 
+def device_count(settings: TrainerSettings) -> int:
+    """How many devices (processes) a fit asks for; "auto"/-1 is every GPU there is, else 1."""
+    if isinstance(settings.devices, int) or str(settings.devices).lstrip("-").isdigit():
+        n = int(settings.devices)
+        if n > 0:
+            return n
+    gpus = torch.cuda.device_count() if settings.accelerator in ("auto", "gpu", "cuda") else 0
+    return max(gpus, 1)
+
+
+def launch_plan(settings: TrainerSettings) -> tuple[str, list, int]:
+    """(strategy, cluster-environment plugins, processes) for the Trainer.
+
+    Inside a SLURM job Lightning trusts ``SLURM_NTASKS`` and expects srun to have started one
+    process per device; a Snakemake job is one task, so for more devices than tasks Lightning is
+    handed a plain environment and starts the processes itself.
+    """
+    n = device_count(settings)
+    if n <= 1:
+        return settings.strategy, [], 1
+    if SLURMEnvironment.detect():
+        tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("SLURM_NTASKS", "1")).split("(")[0])
+        if tasks >= n:
+            return settings.strategy, [], n  # srun started one process per device
+        plugins = [LightningEnvironment()]
+    else:
+        plugins = []
+    # spawn, not Lightning's default subprocess launcher, which would rerun the whole job script
+    strategy = "ddp_spawn" if settings.strategy in ("auto", "ddp") else settings.strategy
+    return strategy, plugins, n
+
+
 class History(Callback):
-    """Every epoch's logged metrics, kept in memory and written to the job's log."""
+    """Every epoch's logged metrics, kept in memory and written to the job's log.
+
+    Its rows are part of each checkpoint, so that a fit run by spawned workers hands them back.
+    """
 
     def __init__(self, label: str = ""):
         self.label = label
@@ -102,7 +147,14 @@ class History(Callback):
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         self.rows.append(row)
         shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch",))
-        log.info("%sepoch %d: %s", f"{self.label} " if self.label else "", row["epoch"], shown)
+        if trainer.is_global_zero:
+            log.info("%sepoch %d: %s", f"{self.label} " if self.label else "", row["epoch"], shown)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
 
 
 @dataclass
@@ -117,10 +169,11 @@ class FitResult:
     precision: str
     device: str
     split: str
+    processes: int = 1
 
     def summary(self) -> dict[str, float]:
         out = {"epochs": self.epochs, "best_epoch": self.best_epoch, "stopped_early": float(self.stopped_early),
-               "train_seconds": self.seconds}
+               "train_seconds": self.seconds, "processes": self.processes}
         if self.best_score is not None:
             out[f"best_{VAL_LOSS}"] = self.best_score
         return out
@@ -155,15 +208,18 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
     monitor = VAL_LOSS if has_val else TRAIN_LOSS
     history = History(prefix)
     precision = resolve_precision(settings.precision, settings.accelerator)
+    strategy, plugins, processes = launch_plan(settings)
     scratch = Path(tempfile.mkdtemp(prefix="cellatlas-ckpt-"))
     try:
+        # last.ckpt carries the full history and the early-stopping state out of spawned workers
         ckpt = ModelCheckpoint(dirpath=scratch, filename="best", monitor=monitor, mode="min", save_top_k=1,
-                               enable_version_counter=False)
+                               save_last=processes > 1, enable_version_counter=False)
         stop = EarlyStopping(monitor=monitor, mode="min", patience=settings.patience, min_delta=settings.min_delta,
                              check_finite=True)
         max_time = {"minutes": settings.max_time_minutes} if settings.max_time_minutes else None
         trainer = L.Trainer(
-            accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy, precision=precision,
+            accelerator=settings.accelerator, devices=settings.devices, strategy=strategy, plugins=plugins,
+            precision=precision,
             max_epochs=settings.max_epochs, max_time=max_time, deterministic=settings.deterministic,
             callbacks=[history, stop, ckpt], logger=make_logger(tracking, prefix), enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=scratch,
@@ -171,8 +227,16 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
         t0 = time.perf_counter()
         trainer.fit(plan, datamodule=data)
         seconds = time.perf_counter() - t0
+        epochs, stopped_early, score = trainer.current_epoch, stop.stopped_epoch > 0, ckpt.best_model_score
+        last = scratch / "last.ckpt"
+        if not history.rows and last.exists():  # the workers trained; this process only launched them
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            history.load_state_dict(state["callbacks"][history.state_key])
+            stop_state = state["callbacks"][stop.state_key]
+            epochs, stopped_early = int(state["epoch"]) + 1, stop_state["stopped_epoch"] > 0
+            score = state["callbacks"][ckpt.state_key]["best_model_score"]
         best = ckpt.best_model_path
-        best_epoch = trainer.current_epoch - 1
+        best_epoch = epochs - 1
         if best:
             state = torch.load(best, map_location="cpu", weights_only=False)
             plan.load_state_dict(state["state_dict"])
@@ -183,14 +247,15 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
             trainer.save_checkpoint(checkpoint)  # writes on global rank 0 only
         # under data parallel the best path is rank 0's scratch directory: no one deletes it early
         trainer.strategy.barrier("cellatlas-fit-done")
-        score = ckpt.best_model_score
         result = FitResult(
             plan=plan, history=history.rows, best_epoch=best_epoch, best_score=None if score is None else float(score),
-            epochs=trainer.current_epoch, stopped_early=stop.stopped_epoch > 0, seconds=seconds, precision=precision,
+            epochs=epochs, stopped_early=stopped_early, seconds=seconds, precision=precision,
             device=str(trainer.strategy.root_device), split=getattr(data, "split_kind", "") or "",
+            processes=trainer.world_size,
         )
-        log.info("%s: %d epochs on %s (%s), best epoch %d, %s %.4g, %.1f s", prefix or "fit", result.epochs,
-                 result.device, precision, result.best_epoch, monitor, result.best_score or float("nan"), seconds)
+        log.info("%s: %d epochs on %s (%s) in %d process(es), best epoch %d, %s %.4g, %.1f s", prefix or "fit",
+                 result.epochs, result.device, precision, result.processes, result.best_epoch, monitor,
+                 result.best_score or float("nan"), seconds)
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,269 @@
+"""A real one-node SLURM cluster and a PostgreSQL-backed MLflow server, on this machine, for tests.
+
+Debian's packages (slurm-wlm, munge, postgresql) are installed when they are missing and we are
+root; otherwise :func:`missing` says why the tests that need them skip. Everything lives in one
+scratch directory (configuration, state, logs), daemons are started in the order SLURM needs
+(munged, slurmctld, slurmd) and stopped again by :meth:`Services.stop`.
+
+The node has the machine's real CPU count and two fake GPUs (empty files as gres devices), a
+``cpu`` partition (default) and a ``gpu`` partition. Without cgroups, memory is enforced by
+polling: ``jobacct_gather/linux`` with ``OverMemoryKill`` kills a job above its ``--mem``.
+
+Also a command-line tool for trying the profile by hand::
+
+    python tests/cluster.py up /tmp/cluster     # prints the environment to export
+    python tests/cluster.py down /tmp/cluster
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGES = ("slurm-wlm", "munge", "postgresql")
+# Commands started inside a job (srun) find the configuration only where a cluster keeps it
+ETC = Path("/etc/slurm")
+MARK = "# cellatlas test cluster\n"
+BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged")
+SLURMCTLD_PORT = 6817
+SLURMD_PORT = 6818
+FAKE_GPUS = 2
+PG_USER = "postgres"
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _have_all() -> bool:
+    return all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in BINARIES) and _pg_bin() is not None
+
+
+def missing() -> str | None:
+    """None when SLURM and PostgreSQL are here (installing them if we can), else why not."""
+    if _have_all():
+        return None
+    if os.geteuid() != 0:
+        return "SLURM/PostgreSQL are not installed and installing them needs root"
+    if not shutil.which("apt-get"):
+        return "SLURM/PostgreSQL are not installed and there is no apt-get to install them"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+        if r.returncode != 0:
+            return f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    return None if _have_all() else "packages installed but SLURM/PostgreSQL binaries not found"
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 60, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def slurm_conf(root: Path, cpus: int, memory_mb: int) -> str:
+    return MARK + f"""\
+ClusterName=cellatlas-test
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldPort={SLURMCTLD_PORT}
+SlurmdPort={SLURMD_PORT}
+# no cgroups here: the cgroup defaults fail to launch job steps
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+AccountingStorageType=accounting_storage/none
+# memory is enforced by polling each second: a job above its --mem is killed (OUT_OF_MEMORY)
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
+# finished jobs stay visible to squeue/scontrol (there is no accounting database to ask)
+MinJobAge=3600
+ReturnToService=2
+SchedulerType=sched/backfill
+MpiDefault=none
+GresTypes=gpu
+NodeName=localhost CPUs={cpus} RealMemory={memory_mb} Gres=gpu:{FAKE_GPUS} State=UNKNOWN
+PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
+"""
+
+
+@dataclass
+class Services:
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+    tracking_uri: str = ""
+    _procs: list[subprocess.Popen] = field(default_factory=list)
+    _pids: list[Path] = field(default_factory=list)
+    _pg: Path | None = None
+    _etc: list[Path] = field(default_factory=list)
+
+    # -- SLURM --------------------------------------------------------------------------------
+    def start_slurm(self, memory_mb: int = 16000) -> None:
+        root = self.root / "slurm"
+        for d in ("state", "spool"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        devices = [root / f"fakegpu{i}" for i in range(FAKE_GPUS)]
+        for d in devices:
+            d.touch()
+        conf = ETC / "slurm.conf"
+        if conf.exists() and not conf.read_text().startswith(MARK):
+            raise RuntimeError(f"{conf} belongs to another cluster; not touching it")
+        ETC.mkdir(parents=True, exist_ok=True)
+        conf.write_text(slurm_conf(root, os.cpu_count() or 1, memory_mb))
+        (ETC / "gres.conf").write_text(
+            MARK + "".join(f"NodeName=localhost Name=gpu File={d}\n" for d in devices))
+        self._etc = [conf, ETC / "gres.conf"]
+        self.env["SLURM_CONF"] = str(conf)
+        os.environ["SLURM_CONF"] = str(conf)
+        if _port_open(SLURMCTLD_PORT):
+            raise RuntimeError(f"port {SLURMCTLD_PORT} is taken: another slurmctld is running")
+        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True, check=False).returncode != 0:
+            Path("/run/munge").mkdir(parents=True, exist_ok=True)
+            subprocess.run([_sbin("munged"), "--force"], check=True, capture_output=True)
+            self._pids.append(Path("/run/munge/munged.pid"))
+        subprocess.run([_sbin("slurmctld"), "-f", str(conf)], check=True, capture_output=True)
+        self._pids.append(root / "slurmctld.pid")
+        _wait(lambda: _port_open(SLURMCTLD_PORT), "slurmctld", log=root / "slurmctld.log")
+        subprocess.run([_sbin("slurmd"), "-f", str(conf), "-N", "localhost"], check=True, capture_output=True)
+        self._pids.append(root / "slurmd.pid")
+
+        def idle():
+            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, check=False)
+            return r.returncode == 0 and r.stdout.strip().startswith("idle")
+
+        _wait(idle, "the SLURM node", log=root / "slurmd.log")
+
+    # -- PostgreSQL + MLflow server -----------------------------------------------------------
+    def start_tracking_server(self) -> str:
+        pg_bin = _pg_bin()
+        data = self.root / "pg" / "data"
+        sock = self.root / "pg" / "sock"
+        data.mkdir(parents=True)
+        sock.mkdir(parents=True)
+        shutil.chown(self.root / "pg", PG_USER, PG_USER)
+        for d in (data, sock):
+            shutil.chown(d, PG_USER, PG_USER)
+        pg_port = _free_port()
+        as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_pg, str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust"],
+                       check=True, capture_output=True)
+        subprocess.run([*as_pg, str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "pg" / "server.log"),
+                        "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "-w", "start"],
+                       check=True, capture_output=True)
+        self._pg = data
+        subprocess.run([*as_pg, str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", PG_USER,
+                        "mlflow"], check=True, capture_output=True)
+        port = _free_port()
+        artifacts = self.root / "mlflow-artifacts"
+        artifacts.mkdir()
+        log = (self.root / "mlflow-server.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"postgresql://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
+             "--artifacts-destination", artifacts.as_uri()],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._procs.append(proc)
+        self.tracking_uri = f"http://127.0.0.1:{port}"
+        _wait(lambda: _port_open(port) or proc.poll() is not None, "mlflow server", timeout=120,
+              log=self.root / "mlflow-server.log")
+        if proc.poll() is not None:
+            raise RuntimeError("mlflow server exited:\n" + (self.root / "mlflow-server.log").read_text()[-3000:])
+        return self.tracking_uri
+
+    # -- teardown -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if self._pg is not None:
+            as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
+            subprocess.run([*as_pg, str(_pg_bin() / "pg_ctl"), "-D", str(self._pg), "-m", "fast", "stop"],
+                           capture_output=True, check=False)
+        if "SLURM_CONF" in self.env:
+            subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, check=False)
+        for pid_file in reversed(self._pids):  # slurmd, slurmctld, then munged
+            try:
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        time.sleep(1)
+        for f in self._etc:
+            f.unlink(missing_ok=True)
+        if "SLURM_CONF" in self.env and os.environ.get("SLURM_CONF") == self.env["SLURM_CONF"]:
+            del os.environ["SLURM_CONF"]
+
+
+def main(argv: list[str]) -> int:
+    action, root = argv[0], Path(argv[1])
+    if action == "up":
+        reason = missing()
+        if reason:
+            print(reason, file=sys.stderr)
+            return 1
+        root.mkdir(parents=True, exist_ok=True)
+        s = Services(root)
+        s.start_slurm()
+        uri = s.start_tracking_server()
+        print(f"export SLURM_CONF={s.env['SLURM_CONF']} MLFLOW_TRACKING_URI={uri}")
+        return 0
+    if action == "down":
+        for pid_file in ("slurm/slurmd.pid", "slurm/slurmctld.pid"):
+            p = root / pid_file
+            if p.exists():
+                subprocess.run(["kill", p.read_text().split()[0]], check=False)
+        subprocess.run(["pkill", "-f", "mlflow server"], check=False)
+        for f in ("slurm.conf", "gres.conf"):
+            (ETC / f).unlink(missing_ok=True)
+        subprocess.run(["runuser", "-u", PG_USER, "--", str(_pg_bin() / "pg_ctl"), "-D", str(root / "pg/data"),
+                        "-m", "fast", "stop"], check=False)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

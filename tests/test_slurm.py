@@ -1,0 +1,185 @@
+"""The whole default workflow as jobs of a real one-node SLURM cluster, tracked by a real MLflow
+server on PostgreSQL (tests/cluster.py starts both, installing them when it is root).
+
+The run uses profiles/slurm as a user would after editing it (partition, account), plus what a
+2-core test node needs: small memory, at most 2 threads, squeue for job states (no accounting
+database). One rule is given too little memory on its first attempt, so SLURM kills it and the
+profile's retry must ask for more.
+
+Where SLURM cannot be installed the tests skip with the reason; with CELLATLAS_REQUIRE_SLURM=1
+(set by .ci/run) they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import cluster
+import pytest
+import yaml
+from conftest import ROOT
+from workflow_utils import make_workdir, snakemake
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
+
+#: the rule SLURM kills on its first attempt (700 MB: less than Snakemake's job process and the
+#: script's imports together), and what its first attempt may have
+STARVED_RULE, STARVED_MB = "atlas_reference", 700
+TRAIN_RULES = ("train_mlp", "train_vae")
+
+
+def test_profile(src: Path, dst: Path) -> Path:
+    """profiles/slurm with a user's edits for this cluster, and what a 2-core test node needs."""
+    profile = yaml.safe_load(src.read_text())
+    profile["default-resources"].update(slurm_partition="cpu", slurm_account="cellatlas-test",
+                                        mem_mb="3000 * attempt")
+    for name, resources in profile["set-resources"].items():
+        if "mem_mb" in resources:
+            resources["mem_mb"] = "3000 * attempt"
+        if name in TRAIN_RULES:
+            resources["slurm_partition"] = "gpu"
+    profile["set-resources"][STARVED_RULE] = {"mem_mb": f"{STARVED_MB} * attempt"}
+    profile.update({"jobs": 4, "max-threads": 2, "slurm-status-command": "squeue",
+                    "slurm-init-seconds-before-status-checks": 1, "slurm-keep-successful-logs": True})
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return dst
+
+
+test_profile.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    reason = cluster.missing()
+    if reason:
+        if os.environ.get("CELLATLAS_REQUIRE_SLURM"):
+            pytest.fail(f"SLURM test required but impossible: {reason}")
+        pytest.skip(reason)
+    s = cluster.Services(tmp_path_factory.mktemp("cluster"))
+    try:
+        s.start_slurm()
+        s.start_tracking_server()
+        yield s
+    finally:
+        s.stop()
+
+
+def squeue_jobs() -> list[dict[str, str]]:
+    """Every job the controller remembers (MinJobAge keeps finished ones): id, state, rule, memory."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%k|%m|%P"], capture_output=True, text=True,
+                         check=True).stdout
+    jobs = []
+    for line in out.splitlines():
+        job_id, state, comment, memory, partition = line.split("|")
+        rule = comment.removeprefix("rule_").split("_wildcards_")[0]
+        jobs.append({"id": job_id, "state": state, "rule": rule, "comment": comment, "mem": memory,
+                     "partition": partition})
+    return sorted(jobs, key=lambda j: int(j["id"]))
+
+
+def scontrol(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def run(services, tmp_path_factory):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    workdir = make_workdir(tmp_path_factory.mktemp("slurm-wf"), config)
+    profile = test_profile(ROOT / "profiles" / "slurm" / "config.yaml", workdir / "profiles" / "slurm-test")
+    tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})
+    before = {j["id"] for j in squeue_jobs()}
+    r = snakemake(workdir, "--workflow-profile", str(profile), "--config", f"tracking={tracking}", timeout=3000)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    jobs = [j for j in squeue_jobs() if j["id"] not in before]
+    return workdir, jobs, r.stdout + r.stderr
+
+
+def _records(workdir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((workdir / "results").rglob("run.json"))]
+
+
+def test_every_job_of_the_default_workflow_ran_through_sbatch(run):
+    workdir, jobs, log = run
+    assert (workdir / "results" / "summary.tsv").exists() and (workdir / "results" / "atlas.tsv").exists()
+    records = _records(workdir)
+    # one SLURM job per job Snakemake ran (the starved rule twice or more), none run locally
+    completed = [j for j in jobs if j["state"] == "COMPLETED"]
+    assert len(completed) == len(records) + 1  # + the summary, whose record is summary.tsv
+    assert "localrule" not in log.replace("localrule all:", "")
+    assert all(j["state"] in ("COMPLETED", "FAILED", "OUT_OF_MEMORY") for j in jobs)
+    others = [j for j in jobs if j["rule"] != STARVED_RULE]
+    assert all(j["state"] == "COMPLETED" for j in others), [j for j in others if j["state"] != "COMPLETED"]
+    assert len({j["comment"] for j in others}) == len(others)  # no other job needed a second attempt
+
+
+def test_training_jobs_asked_for_a_gpu_on_the_gpu_partition(run):
+    _, jobs, _ = run
+    train = [j for j in jobs if j["rule"] in TRAIN_RULES]
+    assert {j["rule"] for j in train} == set(TRAIN_RULES)
+    for job in train:
+        detail = scontrol(job["id"])
+        assert "gres/gpu:1" in detail or "gpu:1" in detail, detail
+        assert job["partition"] == "gpu"
+    for job in jobs:
+        if job["rule"] not in TRAIN_RULES:
+            assert job["partition"] == "cpu" and "gpu" not in scontrol(job["id"]).split("TresPerJob")[-1][:20]
+
+
+def test_a_job_killed_for_memory_is_retried_with_more(run):
+    _, jobs, _ = run
+    attempts = [j for j in jobs if j["rule"] == STARVED_RULE]
+    assert len(attempts) >= 2, attempts
+    assert attempts[0]["state"] in ("FAILED", "OUT_OF_MEMORY") and attempts[0]["mem"] == f"{STARVED_MB}M"
+    assert attempts[-1]["state"] == "COMPLETED"
+    memory = [int(j["mem"].rstrip("M")) for j in attempts]
+    assert memory == sorted(memory) and memory[-1] > memory[0], memory
+
+
+def test_every_stage_run_reached_the_tracking_server(run, services):
+    from mlflow.tracking import MlflowClient
+
+    workdir, jobs, _ = run
+    client = MlflowClient(services.tracking_uri)
+    exp = client.get_experiment_by_name("cellatlas")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`cellatlas.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    slurm_ids = {j["id"] for j in jobs if j["state"] == "COMPLETED"}
+    records = _records(workdir)
+    assert len(records) > 40
+    for rec in records:
+        assert rec["tracking_uri"] == services.tracking_uri
+        r = client.get_run(rec["run_id"])
+        assert r.info.status == "FINISHED", rec["stage"]
+        # the parent's id travelled to the job through sbatch's environment
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["cellatlas.slurm_job_id"] in slurm_ids
+    # artifacts went to the server too (no shared artifact directory needed)
+    qc = next(rec for rec in records if rec["stage"] == "qc")
+    assert "histograms.png" in {a.path for a in client.list_artifacts(qc["run_id"])}
+
+
+def test_data_parallel_training_starts_one_process_per_requested_device(run):
+    """Two devices asked for inside a SLURM job (one task): two training processes, not one."""
+    workdir, _, _ = run
+    before = {j["id"] for j in squeue_jobs()}
+    trainer = json.dumps({"trainer": {"devices": 2}})
+    profile = workdir / "profiles" / "slurm-test"
+    r = snakemake(workdir, "--workflow-profile", str(profile), "--config", f"train={trainer}",
+                  "--config", f"tracking={json.dumps({'uri': run_uri(workdir), 'experiment': 'cellatlas'})}",
+                  "results/sim/train/vae/run.json", timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    (job,) = [j for j in squeue_jobs() if j["id"] not in before]
+    assert job["rule"] == "train_vae" and job["state"] == "COMPLETED"
+    assert "gpu:2" in scontrol(job["id"])
+    rec = json.loads((workdir / "results" / "sim" / "train" / "vae" / "run.json").read_text())
+    assert rec["metrics"]["processes"] == 2
+    log = (workdir / "results" / "sim" / "logs" / "train_vae.log").read_text()
+    assert "in 2 process(es)" in log
+
+
+def run_uri(workdir: Path) -> str:
+    return _records(workdir)[0]["tracking_uri"]
