@@ -8,11 +8,6 @@ scratch directory (configuration, state, logs), daemons are started in the order
 The node has the machine's real CPU count and two fake GPUs (empty files as gres devices), a
 ``cpu`` partition (default) and a ``gpu`` partition. Without cgroups, memory is enforced by
 polling: ``jobacct_gather/linux`` with ``OverMemoryKill`` kills a job above its ``--mem``.
-
-Also a command-line tool for trying the profile by hand::
-
-    python tests/cluster.py up /tmp/cluster     # prints the environment to export
-    python tests/cluster.py down /tmp/cluster
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +60,12 @@ def missing() -> str | None:
     return None if _have_all() else "packages installed but SLURM/PostgreSQL binaries not found"
 
 
+def _run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
+
+
 def _sbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
@@ -88,6 +90,23 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _terminate(pid: int, grace: float = 15) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``grace`` seconds."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def slurm_conf(root: Path, cpus: int, memory_mb: int) -> str:
@@ -135,6 +154,7 @@ class Services:
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _pids: list[Path] = field(default_factory=list)
     _pg: Path | None = None
+    _pg_root: Path | None = None
     _etc: list[Path] = field(default_factory=list)
 
     # -- SLURM --------------------------------------------------------------------------------
@@ -159,12 +179,12 @@ class Services:
             raise RuntimeError(f"port {SLURMCTLD_PORT} is taken: another slurmctld is running")
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True, check=False).returncode != 0:
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
-            subprocess.run([_sbin("munged"), "--force"], check=True, capture_output=True)
+            _run([_sbin("munged"), "--force"])
             self._pids.append(Path("/run/munge/munged.pid"))
-        subprocess.run([_sbin("slurmctld"), "-f", str(conf)], check=True, capture_output=True)
+        _run([_sbin("slurmctld"), "-f", str(conf)])
         self._pids.append(root / "slurmctld.pid")
         _wait(lambda: _port_open(SLURMCTLD_PORT), "slurmctld", log=root / "slurmctld.log")
-        subprocess.run([_sbin("slurmd"), "-f", str(conf), "-N", "localhost"], check=True, capture_output=True)
+        _run([_sbin("slurmd"), "-f", str(conf), "-N", "localhost"])
         self._pids.append(root / "slurmd.pid")
 
         def idle():
@@ -176,23 +196,21 @@ class Services:
     # -- PostgreSQL + MLflow server -----------------------------------------------------------
     def start_tracking_server(self) -> str:
         pg_bin = _pg_bin()
-        data = self.root / "pg" / "data"
-        sock = self.root / "pg" / "sock"
-        data.mkdir(parents=True)
-        sock.mkdir(parents=True)
-        shutil.chown(self.root / "pg", PG_USER, PG_USER)
-        for d in (data, sock):
+        # the server runs as postgres, which cannot enter root's private scratch directories
+        pg_root = Path(tempfile.mkdtemp(prefix="cellatlas-pg-"))
+        self._pg_root = pg_root
+        data, sock = pg_root / "data", pg_root / "sock"
+        data.mkdir()
+        sock.mkdir()
+        for d in (pg_root, data, sock):
             shutil.chown(d, PG_USER, PG_USER)
         pg_port = _free_port()
         as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
-        subprocess.run([*as_pg, str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust"],
-                       check=True, capture_output=True)
-        subprocess.run([*as_pg, str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(self.root / "pg" / "server.log"),
-                        "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "-w", "start"],
-                       check=True, capture_output=True)
+        _run([*as_pg, str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust"])
+        _run([*as_pg, str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(pg_root / "server.log"),
+              "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "-w", "start"])
         self._pg = data
-        subprocess.run([*as_pg, str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", PG_USER,
-                        "mlflow"], check=True, capture_output=True)
+        _run([*as_pg, str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", PG_USER, "mlflow"])
         port = _free_port()
         artifacts = self.root / "mlflow-artifacts"
         artifacts.mkdir()
@@ -224,46 +242,18 @@ class Services:
             as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
             subprocess.run([*as_pg, str(_pg_bin() / "pg_ctl"), "-D", str(self._pg), "-m", "fast", "stop"],
                            capture_output=True, check=False)
+        if self._pg_root is not None:
+            shutil.rmtree(self._pg_root, ignore_errors=True)
         if "SLURM_CONF" in self.env:
             subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, check=False)
         for pid_file in reversed(self._pids):  # slurmd, slurmctld, then munged
             try:
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+                _terminate(int(pid_file.read_text().split()[0]))
             except (OSError, ValueError):
                 pass
+        subprocess.run(["pkill", "-KILL", "-x", "slurmstepd"], capture_output=True, check=False)
         time.sleep(1)
         for f in self._etc:
             f.unlink(missing_ok=True)
         if "SLURM_CONF" in self.env and os.environ.get("SLURM_CONF") == self.env["SLURM_CONF"]:
             del os.environ["SLURM_CONF"]
-
-
-def main(argv: list[str]) -> int:
-    action, root = argv[0], Path(argv[1])
-    if action == "up":
-        reason = missing()
-        if reason:
-            print(reason, file=sys.stderr)
-            return 1
-        root.mkdir(parents=True, exist_ok=True)
-        s = Services(root)
-        s.start_slurm()
-        uri = s.start_tracking_server()
-        print(f"export SLURM_CONF={s.env['SLURM_CONF']} MLFLOW_TRACKING_URI={uri}")
-        return 0
-    if action == "down":
-        for pid_file in ("slurm/slurmd.pid", "slurm/slurmctld.pid"):
-            p = root / pid_file
-            if p.exists():
-                subprocess.run(["kill", p.read_text().split()[0]], check=False)
-        subprocess.run(["pkill", "-f", "mlflow server"], check=False)
-        for f in ("slurm.conf", "gres.conf"):
-            (ETC / f).unlink(missing_ok=True)
-        subprocess.run(["runuser", "-u", PG_USER, "--", str(_pg_bin() / "pg_ctl"), "-D", str(root / "pg/data"),
-                        "-m", "fast", "stop"], check=False)
-        return 0
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -244,7 +244,7 @@ def test_vae_checkpoint_carries_genes_and_encodes_a_new_batch(counts, tmp_path):
 def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
     """Lightning believes SLURM's task count; a Snakemake job is one task, so for two devices the
     fit must start its own processes and not take SLURM's environment."""
-    from lightning.pytorch.plugins.environments import LightningEnvironment
+    from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
 
     from cellatlas.deep.training import TrainerSettings, launch_plan
 
@@ -256,11 +256,18 @@ def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "rule_train_vae")
     strategy, plugins, n = launch_plan(TrainerSettings(accelerator="cpu", devices=2))
     assert (strategy, n) == ("ddp_spawn", 2) and len(plugins) == 1 and isinstance(plugins[0], LightningEnvironment)
-    # launched by srun with one task per device: SLURM's own environment is right
+    # launched by srun with one task per device: SLURM's own environment is right (never requeueing:
+    # Snakemake retries jobs), and so it is for one device
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp")) == ("ddp", [], 2)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    strategy, plugins, n = launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp"))
+    assert (strategy, n) == ("ddp", 2) and isinstance(plugins[0], SLURMEnvironment) and not plugins[0].auto_requeue
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
+    assert isinstance(launch_plan(TrainerSettings(devices=1))[1][0], SLURMEnvironment)
     # an explicit strategy is kept
     monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
     assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp_fork"))[0] == "ddp_fork"
 
 

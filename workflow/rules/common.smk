@@ -237,10 +237,19 @@ def start_tracking():
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(".snakemake", "numba-cache").resolve()))
     Path("results").mkdir(exist_ok=True)
-    experiment = config["tracking"]["experiment"]
+    experiment, uri = config["tracking"]["experiment"], get_tracking_uri()
     try:
-        start_parent(uri=get_tracking_uri(), experiment=experiment, config=config, workdir=os.getcwd())
-    except CellAtlasError as e:  # the tracking server is not there: no job starts
+        if workflow.non_local_exec and uri.startswith("sqlite:"):
+            # jobs on many nodes writing one SQLite file on a shared filesystem lock and corrupt it
+            raise ConfigError(
+                f"tracking.uri: jobs sent to a cluster cannot share the SQLite store {uri}; "
+                "start an MLflow server and set tracking.uri (README: Running on a SLURM cluster)"
+            )
+        if workflow.non_local_exec and uri.split("://")[-1].startswith(("localhost", "127.")):
+            print(f"cellatlas warning: tracking.uri {uri} names this host; jobs on other nodes will not reach it",
+                  file=sys.stderr)
+        start_parent(uri=uri, experiment=experiment, config=config, workdir=os.getcwd())
+    except CellAtlasError as e:  # no tracking store the jobs can use: no job starts
         # one line and a failed exit (a WorkflowError raised here trips Snakemake's error formatter)
         print(f"cellatlas error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -114,12 +114,15 @@ def launch_plan(settings: TrainerSettings) -> tuple[str, list, int]:
     handed a plain environment and starts the processes itself.
     """
     n = device_count(settings)
+    in_slurm = SLURMEnvironment.detect()
+    # Snakemake resubmits a failed job itself: Lightning must not requeue it behind its back
+    slurm = [SLURMEnvironment(auto_requeue=False)] if in_slurm else []
     if n <= 1:
-        return settings.strategy, [], 1
-    if SLURMEnvironment.detect():
+        return settings.strategy, slurm, 1
+    if in_slurm:
         tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("SLURM_NTASKS", "1")).split("(")[0])
         if tasks >= n:
-            return settings.strategy, [], n  # srun started one process per device
+            return settings.strategy, slurm, n  # srun started one process per device
         plugins = [LightningEnvironment()]
     else:
         plugins = []
