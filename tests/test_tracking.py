@@ -90,15 +90,24 @@ def test_unreachable_server_fails_the_job_fast_with_one_line_and_no_record(tmp_p
     assert not record.exists()
 
 
-def test_server_check_answers_for_a_live_server_and_ignores_local_stores(tmp_path):
+def test_server_check_passes_a_live_server_refuses_a_refusing_one_and_ignores_local_stores(tmp_path):
     import http.server
     import threading
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            self.send_response(200 if self.path == "/health" else 404)
+            # MLflow 3 answers /health for any Host header, but its API only for allowed hosts
+            if not self.path.startswith("/api/2.0/mlflow/experiments/search"):
+                self.send_response(404)
+            elif self.headers["Host"].startswith("127.0.0.1"):
+                self.send_response(200)
+            else:
+                self.send_response(403)
+                self.end_headers()
+                self.wfile.write(b"Invalid Host header - possible DNS rebinding attack detected")
+                return
             self.end_headers()
-            self.wfile.write(b"OK")
+            self.wfile.write(b"{}")
 
         def log_message(self, *args):
             pass
@@ -107,6 +116,11 @@ def test_server_check_answers_for_a_live_server_and_ignores_local_stores(tmp_pat
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         tracking.check_server(f"http://127.0.0.1:{server.server_port}")
+        # the same server under a name it does not allow: refused at once, with the remedy
+        from cellatlas.errors import TrackingError
+
+        with pytest.raises(TrackingError, match="--allowed-hosts"):
+            tracking.check_server(f"http://localhost:{server.server_port}", pause=30)
     finally:
         server.shutdown()
     tracking.check_server(f"sqlite:///{tmp_path / 'x.db'}")  # no server to ask
@@ -122,5 +136,5 @@ def test_a_workflow_with_an_unreachable_server_starts_no_job(tmp_path):
     w = make_workdir(tmp_path / "wf", config)
     r = snakemake(w, "--cores", "1")
     assert r.returncode != 0
-    assert "cannot be reached from host" in r.stderr and config["tracking"]["uri"] in r.stderr
+    assert "cannot be used from host" in r.stderr and config["tracking"]["uri"] in r.stderr
     assert not list((w / "results").glob("*/ingest.h5ad"))

@@ -81,34 +81,67 @@ def default_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'results' / 'mlflow.db'}"
 
 
+#: the cheapest call of the tracking API itself (``/health`` answers even where the API refuses)
+_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send (its environment variables)."""
+    import base64
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _tls_context():
+    """TLS as MLflow's client would verify it (its environment variables)."""
+    import ssl
+
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return ssl._create_unverified_context()  # noqa: S323 - the user asked for it
+    cafile = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    return ssl.create_default_context(cafile=cafile) if cafile else None
+
+
 def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: float = 2.0) -> None:
-    """Raise :class:`TrackingError` unless the http(s) tracking server at ``uri`` answers ``/health``.
+    """Raise :class:`TrackingError` unless the http(s) tracking server at ``uri`` answers its API.
 
     ``attempts`` tries of ``timeout`` seconds each: a restart or a slow network is waited out, a
-    server that is down or not reachable from this node fails in under a minute. Other stores
-    (SQLite, files) need no server and pass.
+    server that is down or not reachable from this node fails in under a minute. A refusal (an
+    MLflow server started without ``--allowed-hosts`` for the name the jobs use answers 403) fails
+    at once. Other stores (SQLite, files) need no server and pass.
     """
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.request
 
-    problem = ""
+    problem, hint = "", "start it, or check that this node can reach it"
+    request = urllib.request.Request(uri.rstrip("/") + _PROBE, headers=_auth_headers())
     for attempt in range(attempts):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=_tls_context()) as response:
                 if response.status == 200:
                     return
                 problem = f"HTTP {response.status}"
         except urllib.error.HTTPError as e:
-            problem = f"HTTP {e.code} {e.reason}"
+            body = e.read(300).decode(errors="replace").strip()
+            problem = f"HTTP {e.code} {e.reason}" + (f" ({body})" if body else "")
+            if e.code in (401, 403):
+                hint = ("start the server with --allowed-hosts naming the host in tracking.uri"
+                        if "Host header" in body else "check the server's credentials (MLFLOW_TRACKING_USERNAME)")
+                break
         except (OSError, ValueError) as e:  # refused, unknown host, timeout, malformed address
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt + 1 < attempts:
             time.sleep(pause)
     raise TrackingError(
-        f"MLflow tracking server {uri} (tracking.uri or MLFLOW_TRACKING_URI) cannot be reached from host "
-        f"{socket.gethostname()} after {attempts} tries: {problem}; start it, or check that this node can reach it"
+        f"MLflow tracking server {uri} (tracking.uri or MLFLOW_TRACKING_URI) cannot be used from host "
+        f"{socket.gethostname()}: {problem}; {hint}"
     )
 
 
