@@ -46,10 +46,10 @@ def _have_all() -> bool:
 
 def missing() -> str | None:
     """None when SLURM and PostgreSQL are here (installing them if we can), else why not."""
+    if os.geteuid() != 0:
+        return "starting a SLURM cluster (slurmd, /etc/slurm) and PostgreSQL needs root"
     if _have_all():
         return None
-    if os.geteuid() != 0:
-        return "SLURM/PostgreSQL are not installed and installing them needs root"
     if not shutil.which("apt-get"):
         return "SLURM/PostgreSQL are not installed and there is no apt-get to install them"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -156,9 +156,16 @@ class Services:
     _pg: Path | None = None
     _pg_root: Path | None = None
     _etc: list[Path] = field(default_factory=list)
+    _slurm_started: bool = False
 
     # -- SLURM --------------------------------------------------------------------------------
     def start_slurm(self, memory_mb: int = 16000) -> None:
+        if _port_open(SLURMCTLD_PORT):
+            raise RuntimeError(f"port {SLURMCTLD_PORT} is taken: another slurmctld is running")
+        # a node that reports less memory than configured is drained
+        total_mb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                            if line.startswith("MemTotal")).split()[1]) // 1024
+        memory_mb = min(memory_mb, total_mb - 1024)
         root = self.root / "slurm"
         for d in ("state", "spool"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -169,19 +176,18 @@ class Services:
         if conf.exists() and not conf.read_text().startswith(MARK):
             raise RuntimeError(f"{conf} belongs to another cluster; not touching it")
         ETC.mkdir(parents=True, exist_ok=True)
+        self._etc = [conf, ETC / "gres.conf"]
         conf.write_text(slurm_conf(root, os.cpu_count() or 1, memory_mb))
         (ETC / "gres.conf").write_text(
             MARK + "".join(f"NodeName=localhost Name=gpu File={d}\n" for d in devices))
-        self._etc = [conf, ETC / "gres.conf"]
         self.env["SLURM_CONF"] = str(conf)
         os.environ["SLURM_CONF"] = str(conf)
-        if _port_open(SLURMCTLD_PORT):
-            raise RuntimeError(f"port {SLURMCTLD_PORT} is taken: another slurmctld is running")
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True, check=False).returncode != 0:
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
             _run([_sbin("munged"), "--force"])
             self._pids.append(Path("/run/munge/munged.pid"))
         _run([_sbin("slurmctld"), "-f", str(conf)])
+        self._slurm_started = True
         self._pids.append(root / "slurmctld.pid")
         _wait(lambda: _port_open(SLURMCTLD_PORT), "slurmctld", log=root / "slurmctld.log")
         _run([_sbin("slurmd"), "-f", str(conf), "-N", "localhost"])
@@ -231,29 +237,47 @@ class Services:
 
     # -- teardown -----------------------------------------------------------------------------
     def stop(self) -> None:
+        """Stop what this instance started, each step on its own (one failure skips nothing)."""
+        steps = [self._stop_server, self._stop_postgres, self._stop_slurm, self._remove_config]
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - teardown goes on; the error is shown
+                print(f"cluster teardown: {step.__name__}: {e}", file=sys.stderr)
+
+    def _stop_server(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
                 try:
+                    os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _stop_postgres(self) -> None:
         if self._pg is not None:
             as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
             subprocess.run([*as_pg, str(_pg_bin() / "pg_ctl"), "-D", str(self._pg), "-m", "fast", "stop"],
                            capture_output=True, check=False)
         if self._pg_root is not None:
             shutil.rmtree(self._pg_root, ignore_errors=True)
-        if "SLURM_CONF" in self.env:
-            subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, check=False)
+
+    def _stop_slurm(self) -> None:
+        if not self._slurm_started:  # never touch a cluster this instance did not start
+            return
+        subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, check=False)
         for pid_file in reversed(self._pids):  # slurmd, slurmctld, then munged
             try:
                 _terminate(int(pid_file.read_text().split()[0]))
             except (OSError, ValueError):
                 pass
-        subprocess.run(["pkill", "-KILL", "-x", "slurmstepd"], capture_output=True, check=False)
         time.sleep(1)
+
+    def _remove_config(self) -> None:
         for f in self._etc:
-            f.unlink(missing_ok=True)
+            if f.exists() and f.read_text().startswith(MARK):
+                f.unlink()
         if "SLURM_CONF" in self.env and os.environ.get("SLURM_CONF") == self.env["SLURM_CONF"]:
             del os.environ["SLURM_CONF"]

@@ -251,6 +251,7 @@ def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
     for var in [v for v in __import__("os").environ if v.startswith("SLURM_")]:
         monkeypatch.delenv(var)
     assert launch_plan(TrainerSettings(devices=1)) == ("auto", [], 1)
+    assert launch_plan(TrainerSettings(accelerator="cpu", devices="0,1"))[2] == 2
     assert launch_plan(TrainerSettings(accelerator="cpu", devices=2)) == ("ddp_spawn", [], 2)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NAME", "rule_train_vae")
@@ -260,12 +261,16 @@ def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
     # Snakemake retries jobs), and so it is for one device
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    # a whole pipeline inside `sbatch --ntasks=2` without srun: still one process, so spawn
+    assert launch_plan(TrainerSettings(accelerator="cpu", devices=2))[0] == "ddp_spawn"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     strategy, plugins, n = launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp"))
     assert (strategy, n) == ("ddp", 2) and isinstance(plugins[0], SLURMEnvironment) and not plugins[0].auto_requeue
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
     assert isinstance(launch_plan(TrainerSettings(devices=1))[1][0], SLURMEnvironment)
     # an explicit strategy is kept
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
     assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp_fork"))[0] == "ddp_fork"

@@ -219,7 +219,9 @@ def get_train_gpus():
     trainer = config["train"]["trainer"]
     if trainer["accelerator"] == "cpu":
         return 0
-    devices = str(trainer["devices"])
+    devices = str(trainer["devices"]).strip("[] ")
+    if "," in devices:  # a list of device ids
+        return len([d for d in devices.split(",") if d.strip()])
     return int(devices) if devices.isdigit() and int(devices) > 0 else 1
 
 
@@ -245,7 +247,10 @@ def start_tracking():
                 f"tracking.uri: jobs sent to a cluster cannot share the SQLite store {uri}; "
                 "start an MLflow server and set tracking.uri (README: Running on a SLURM cluster)"
             )
-        if workflow.non_local_exec and uri.split("://")[-1].startswith(("localhost", "127.")):
+        from urllib.parse import urlsplit
+
+        host = urlsplit(uri).hostname or ""
+        if workflow.non_local_exec and (host in ("localhost", "0.0.0.0", "::1") or host.startswith("127.")):
             print(f"cellatlas warning: tracking.uri {uri} names this host; jobs on other nodes will not reach it",
                   file=sys.stderr)
         start_parent(uri=uri, experiment=experiment, config=config, workdir=os.getcwd())

@@ -103,7 +103,7 @@ def _tls_context():
 
     if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
         return ssl._create_unverified_context()  # noqa: S323 - the user asked for it
-    cafile = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    cafile = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or os.environ.get("REQUESTS_CA_BUNDLE")
     return ssl.create_default_context(cafile=cafile) if cafile else None
 
 
@@ -117,6 +117,7 @@ def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: fl
     """
     if not uri.startswith(("http://", "https://")):
         return
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -135,7 +136,7 @@ def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: fl
                 hint = ("start the server with --allowed-hosts naming the host in tracking.uri"
                         if "Host header" in body else "check the server's credentials (MLFLOW_TRACKING_USERNAME)")
                 break
-        except (OSError, ValueError) as e:  # refused, unknown host, timeout, malformed address
+        except (OSError, ValueError, http.client.HTTPException) as e:  # refused, unknown host, timeout, not HTTP
             problem = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt + 1 < attempts:
             time.sleep(pause)

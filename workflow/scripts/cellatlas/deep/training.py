@@ -98,6 +98,9 @@ class StageRunLogger(MLFlowLogger):
 
 def device_count(settings: TrainerSettings) -> int:
     """How many devices (processes) a fit asks for; "auto"/-1 is every GPU there is, else 1."""
+    if isinstance(settings.devices, (list, tuple)) or "," in str(settings.devices):
+        ids = settings.devices if isinstance(settings.devices, (list, tuple)) else str(settings.devices).split(",")
+        return max(len([i for i in ids if str(i).strip()]), 1)
     if isinstance(settings.devices, int) or str(settings.devices).lstrip("-").isdigit():
         n = int(settings.devices)
         if n > 0:
@@ -110,8 +113,8 @@ def launch_plan(settings: TrainerSettings) -> tuple[str, list, int]:
     """(strategy, cluster-environment plugins, processes) for the Trainer.
 
     Inside a SLURM job Lightning trusts ``SLURM_NTASKS`` and expects srun to have started one
-    process per device; a Snakemake job is one task, so for more devices than tasks Lightning is
-    handed a plain environment and starts the processes itself.
+    process per device; a Snakemake job is a step of one task, so unless the step has one task
+    per device Lightning is handed a plain environment and starts the processes itself.
     """
     n = device_count(settings)
     in_slurm = SLURMEnvironment.detect()
@@ -120,8 +123,9 @@ def launch_plan(settings: TrainerSettings) -> tuple[str, list, int]:
     if n <= 1:
         return settings.strategy, slurm, 1
     if in_slurm:
-        tasks = int(os.environ.get("SLURM_NTASKS_PER_NODE", os.environ.get("SLURM_NTASKS", "1")).split("(")[0])
-        if tasks >= n:
+        # only srun starts processes: the tasks of this job step, not of the allocation, count
+        step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+        if step_tasks == n:
             return settings.strategy, slurm, n  # srun started one process per device
         plugins = [LightningEnvironment()]
     else:
