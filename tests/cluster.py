@@ -1,9 +1,10 @@
 """A real one-node SLURM cluster and a PostgreSQL-backed MLflow server, on this machine, for tests.
 
 Debian's packages (slurm-wlm, munge, postgresql) are installed when they are missing and we are
-root; otherwise :func:`missing` says why the tests that need them skip. Everything lives in one
-scratch directory (configuration, state, logs), daemons are started in the order SLURM needs
-(munged, slurmctld, slurmd) and stopped again by :meth:`Services.stop`.
+root; otherwise :func:`missing` says why the tests that need them skip. SLURM's state and logs
+live in a scratch directory, its configuration in /etc/slurm (where commands inside a job look),
+PostgreSQL's data in a directory the postgres user can enter. Daemons are started in the order
+SLURM needs (munged, slurmctld, slurmd) and stopped again by :meth:`Services.stop`.
 
 The node has the machine's real CPU count and two fake GPUs (empty files as gres devices), a
 ``cpu`` partition (default) and a ``gpu`` partition. Without cgroups, memory is enforced by
@@ -33,6 +34,7 @@ SLURMCTLD_PORT = 6817
 SLURMD_PORT = 6818
 FAKE_GPUS = 2
 PG_USER = "postgres"
+AS_PG = ["runuser", "-u", PG_USER, "--"]  # initdb refuses root; missing() asks for root
 
 
 def _pg_bin() -> Path | None:
@@ -149,11 +151,9 @@ PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 @dataclass
 class Services:
     root: Path
-    env: dict[str, str] = field(default_factory=dict)
     tracking_uri: str = ""
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _pids: list[Path] = field(default_factory=list)
-    _pg: Path | None = None
     _pg_root: Path | None = None
     _etc: list[Path] = field(default_factory=list)
     _slurm_started: bool = False
@@ -180,8 +180,6 @@ class Services:
         conf.write_text(slurm_conf(root, os.cpu_count() or 1, memory_mb))
         (ETC / "gres.conf").write_text(
             MARK + "".join(f"NodeName=localhost Name=gpu File={d}\n" for d in devices))
-        self.env["SLURM_CONF"] = str(conf)
-        os.environ["SLURM_CONF"] = str(conf)
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True, check=False).returncode != 0:
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
             _run([_sbin("munged"), "--force"])
@@ -211,12 +209,10 @@ class Services:
         for d in (pg_root, data, sock):
             shutil.chown(d, PG_USER, PG_USER)
         pg_port = _free_port()
-        as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
-        _run([*as_pg, str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust"])
-        _run([*as_pg, str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(pg_root / "server.log"),
+        _run([*AS_PG, str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust"])
+        _run([*AS_PG, str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(pg_root / "server.log"),
               "-o", f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1", "-w", "start"])
-        self._pg = data
-        _run([*as_pg, str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", PG_USER, "mlflow"])
+        _run([*AS_PG, str(pg_bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", PG_USER, "mlflow"])
         port = _free_port()
         artifacts = self.root / "mlflow-artifacts"
         artifacts.mkdir()
@@ -257,11 +253,9 @@ class Services:
                     pass
 
     def _stop_postgres(self) -> None:
-        if self._pg is not None:
-            as_pg = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
-            subprocess.run([*as_pg, str(_pg_bin() / "pg_ctl"), "-D", str(self._pg), "-m", "fast", "stop"],
-                           capture_output=True, check=False)
         if self._pg_root is not None:
+            subprocess.run([*AS_PG, str(_pg_bin() / "pg_ctl"), "-D", str(self._pg_root / "data"), "-m", "fast",
+                            "stop"], capture_output=True, check=False)
             shutil.rmtree(self._pg_root, ignore_errors=True)
 
     def _stop_slurm(self) -> None:
@@ -279,5 +273,3 @@ class Services:
         for f in self._etc:
             if f.exists() and f.read_text().startswith(MARK):
                 f.unlink()
-        if "SLURM_CONF" in self.env and os.environ.get("SLURM_CONF") == self.env["SLURM_CONF"]:
-            del os.environ["SLURM_CONF"]

@@ -32,7 +32,7 @@ STARVED_RULE, STARVED_MB = "atlas_reference", 350
 TRAIN_RULES = ("train_mlp", "train_vae")
 
 
-def test_profile(src: Path, dst: Path) -> Path:
+def slurm_test_profile(src: Path, dst: Path) -> Path:
     """profiles/slurm with a user's edits for this cluster, and what a 2-core test node needs."""
     profile = yaml.safe_load(src.read_text())
     profile["default-resources"].update(slurm_partition="cpu", slurm_account="cellatlas-test",
@@ -48,9 +48,6 @@ def test_profile(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return dst
-
-
-test_profile.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +87,7 @@ def scontrol(job_id: str) -> str:
 def run(services, tmp_path_factory):
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     workdir = make_workdir(tmp_path_factory.mktemp("slurm-wf"), config)
-    profile = test_profile(ROOT / "profiles" / "slurm" / "config.yaml", workdir / "profiles" / "slurm-test")
+    profile = slurm_test_profile(ROOT / "profiles" / "slurm" / "config.yaml", workdir / "profiles" / "slurm-test")
     tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})
     before = {j["id"] for j in squeue_jobs()}
     r = snakemake(workdir, "--workflow-profile", str(profile), "--config", f"tracking={tracking}", timeout=3000)

@@ -216,13 +216,12 @@ def get_train_gpus():
 
     Under SLURM this is the job's --gpus; a local run does not count it against anything.
     """
+    from cellatlas.deep.devices import requested_devices
+
     trainer = config["train"]["trainer"]
     if trainer["accelerator"] == "cpu":
         return 0
-    devices = str(trainer["devices"]).strip("[] ")
-    if "," in devices:  # a list of device ids
-        return len([d for d in devices.split(",") if d.strip()])
-    return int(devices) if devices.isdigit() and int(devices) > 0 else 1
+    return requested_devices(trainer["devices"]) or 1
 
 
 def get_tracking_uri():

@@ -130,7 +130,7 @@ def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: fl
                     return
                 problem = f"HTTP {response.status}"
         except urllib.error.HTTPError as e:
-            body = e.read(300).decode(errors="replace").strip()
+            body = " ".join(e.read(300).decode(errors="replace").split())  # the error stays one line
             problem = f"HTTP {e.code} {e.reason}" + (f" ({body})" if body else "")
             if e.code in (401, 403):
                 hint = ("start the server with --allowed-hosts naming the host in tracking.uri"

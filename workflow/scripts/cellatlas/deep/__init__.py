@@ -10,6 +10,7 @@
 * :mod:`.estimator`: the MLP as a scikit-learn classifier, so the classify stage's folds,
   metrics, comparison and model logging apply to it unchanged.
 * :mod:`.embedding`: the VAE job: train, encode, cluster and plot the learned embedding.
+* :mod:`.devices`: how many devices a setting names (torch-free: the Snakefile asks it too).
 
 torch and Lightning are imported only here, so the other stages never pay for them.
 """

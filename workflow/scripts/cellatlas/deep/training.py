@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.environments import (
     SLURMEnvironment,
 )
 
+from cellatlas.deep.devices import requested_devices
 from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,9 @@ class StageRunLogger(MLFlowLogger):
 
 def device_count(settings: TrainerSettings) -> int:
     """How many devices (processes) a fit asks for; "auto"/-1 is every GPU there is, else 1."""
-    if isinstance(settings.devices, (list, tuple)) or "," in str(settings.devices):
-        ids = settings.devices if isinstance(settings.devices, (list, tuple)) else str(settings.devices).split(",")
-        return max(len([i for i in ids if str(i).strip()]), 1)
-    if isinstance(settings.devices, int) or str(settings.devices).lstrip("-").isdigit():
-        n = int(settings.devices)
-        if n > 0:
-            return n
+    n = requested_devices(settings.devices)
+    if n is not None:
+        return n
     gpus = torch.cuda.device_count() if settings.accelerator in ("auto", "gpu", "cuda") else 0
     return max(gpus, 1)
 
