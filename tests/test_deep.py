@@ -310,3 +310,59 @@ def test_two_process_fit_hands_back_its_history_and_best_epoch(tmp_path):
     assert out["processes"] == 2 and out["epochs"] == 4 and out["history"] == 4
     assert out["best_val_loss"] > 0 and 0 <= out["best_epoch"] < 4
     assert out["acc"] > 0.5
+
+
+def test_worker_error_reads_the_pipeline_error_out_of_a_worker_traceback():
+    from torch.multiprocessing import ProcessRaisedException
+
+    from cellatlas.deep.plans import NonFiniteLossError
+    from cellatlas.deep.training import worker_error
+
+    text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+            '  File "plans.py", line 30, in _check_finite\n    raise NonFiniteLossError(\n'
+            "cellatlas.deep.plans.NonFiniteLossError: training loss became nan at epoch 0, batch 2 (learning rate 0.01)\n")
+    e = worker_error(ProcessRaisedException(text, 1, 123))
+    assert type(e) is NonFiniteLossError and str(e) == "training loss became nan at epoch 0, batch 2 (learning rate 0.01)"
+    other = worker_error(ProcessRaisedException(text.replace("deep.plans.NonFiniteLossError", "errors.ConfigError"), 1, 1))
+    assert type(other) is CellAtlasError and str(other).startswith("training loss")
+    # anything else stays what it was
+    assert worker_error(ProcessRaisedException("RuntimeError: gloo: connection closed by peer", 0, 1)) is None
+    assert worker_error(ValueError("cellatlas.errors.ConfigError: x")) is None
+
+
+def test_nan_loss_in_a_spawned_worker_is_the_same_one_line_error(tmp_path):
+    """Two processes on the CPU: a NaN loss in a worker reaches the caller as NonFiniteLossError
+    with its own message, not as torch's multiprocessing traceback."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT
+
+    script = tmp_path / "nan2.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT / "workflow" / "scripts")!r})
+        import numpy as np, scipy.sparse as sp
+        from cellatlas.deep.estimator import MLPClassifier
+        from cellatlas.deep.plans import NonFiniteLossError
+
+        def main():
+            rng = np.random.default_rng(0)
+            y = rng.integers(0, 3, 600)
+            X = sp.csr_matrix((rng.poisson(1.0, (600, 30)) + 20 * np.eye(3)[y].repeat(10, 1)).astype(np.float32))
+            X.data[::7] = np.nan  # in every process's share of the cells
+            m = MLPClassifier(hidden=(16,), max_epochs=2, n_jobs=1, lr=0.01, trainer={{"accelerator": "cpu", "devices": 2}})
+            try:
+                m.fit(X, y)
+            except NonFiniteLossError as e:
+                print(json.dumps({{"error": str(e)}}))
+
+        if __name__ == "__main__":
+            main()
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert "\n" not in out["error"]
+    assert out["error"].startswith("training loss became nan at epoch 0, batch ") and out["error"].endswith("check the input values")

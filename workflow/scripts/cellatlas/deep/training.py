@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,7 +38,8 @@ from lightning.pytorch.plugins.environments import (
 )
 
 from cellatlas.deep.devices import requested_devices
-from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS
+from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS, NonFiniteLossError
+from cellatlas.errors import CellAtlasError
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,28 @@ def seed(value: int) -> None:
     L.seed_everything(value, workers=True, verbose=False)
 
 
+# the last line of a worker's traceback when it raised one of the pipeline's own errors
+_WORKER_ERROR = re.compile(r"^cellatlas(?:\.\w+)*\.(\w+): (.+)$", re.MULTILINE)
+
+
+def worker_error(exc: BaseException) -> CellAtlasError | None:
+    """The pipeline's own error that a spawned worker raised, or None.
+
+    torch hands a worker's exception to the launching process only as the text of its
+    traceback; without this a NaN loss in data-parallel training would reach the user as a
+    page of multiprocessing traceback instead of its one line.
+    """
+    from torch.multiprocessing import ProcessRaisedException
+
+    if not isinstance(exc, ProcessRaisedException):
+        return None
+    found = _WORKER_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    return NonFiniteLossError(message) if name == NonFiniteLossError.__name__ else CellAtlasError(message)
+
+
 def make_logger(tracking: Mapping[str, str] | None, prefix: str) -> StageRunLogger | bool:
     if not tracking:
         return False
@@ -229,7 +253,13 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
             enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=scratch,
         )
         t0 = time.perf_counter()
-        trainer.fit(plan, datamodule=data)
+        try:
+            trainer.fit(plan, datamodule=data)
+        except Exception as e:
+            error = worker_error(e)
+            if error is None:
+                raise
+            raise error from None
         seconds = time.perf_counter() - t0
         epochs, stopped_early, score = trainer.current_epoch, stop.stopped_epoch > 0, ckpt.best_model_score
         last = scratch / "last.ckpt"
