@@ -276,9 +276,11 @@ def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
     assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp_fork"))[0] == "ddp_fork"
 
 
-def test_two_process_fit_hands_back_its_history_and_best_epoch(tmp_path):
-    """A real two-process fit (spawned workers on the CPU): the calling process gets the best
-    epoch's weights, the whole history and the number of processes."""
+def _two_process_fit(tmp_path, body: str, *, nan: bool = False) -> dict:
+    """Run ``body`` (indented for ``main``) in a fresh interpreter that fits a small MLP on two
+    spawned CPU processes (X, y ready; ``nan``: NaNs in every process's share); its last stdout
+    line is JSON."""
+    import json
     import subprocess
     import sys
     import textwrap
@@ -291,22 +293,32 @@ def test_two_process_fit_hands_back_its_history_and_best_epoch(tmp_path):
         sys.path.insert(0, {str(ROOT / "workflow" / "scripts")!r})
         import numpy as np, scipy.sparse as sp
         from cellatlas.deep.estimator import MLPClassifier
+        from cellatlas.deep.plans import NonFiniteLossError
 
         def main():
             rng = np.random.default_rng(0)
             y = rng.integers(0, 3, 600)
             X = sp.csr_matrix((rng.poisson(1.0, (600, 30)) + 20 * np.eye(3)[y].repeat(10, 1)).astype(np.float32))
+            if {nan!r}:
+                X.data[::7] = np.nan
             m = MLPClassifier(hidden=(16,), max_epochs=4, patience=10, n_jobs=1, lr=0.01,
                               trainer={{"accelerator": "cpu", "devices": 2}})
-            m.fit(X, y)
-            print(json.dumps({{**m.fit_summary_, "history": len(m.history_), "acc": float((m.predict(X) == y.astype(str)).mean())}}))
-
+    """) + textwrap.indent(textwrap.dedent(body), " " * 4) + textwrap.dedent("""
         if __name__ == "__main__":
             main()
     """))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_two_process_fit_hands_back_its_history_and_best_epoch(tmp_path):
+    """A real two-process fit (spawned workers on the CPU): the calling process gets the best
+    epoch's weights, the whole history and the number of processes."""
+    out = _two_process_fit(tmp_path, """
+        m.fit(X, y)
+        print(json.dumps({**m.fit_summary_, "history": len(m.history_), "acc": float((m.predict(X) == y.astype(str)).mean())}))
+    """)
     assert out["processes"] == 2 and out["epochs"] == 4 and out["history"] == 4
     assert out["best_val_loss"] > 0 and 0 <= out["best_epoch"] < 4
     assert out["acc"] > 0.5
@@ -333,36 +345,11 @@ def test_worker_error_reads_the_pipeline_error_out_of_a_worker_traceback():
 def test_nan_loss_in_a_spawned_worker_is_the_same_one_line_error(tmp_path):
     """Two processes on the CPU: a NaN loss in a worker reaches the caller as NonFiniteLossError
     with its own message, not as torch's multiprocessing traceback."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from conftest import ROOT
-
-    script = tmp_path / "nan2.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(ROOT / "workflow" / "scripts")!r})
-        import numpy as np, scipy.sparse as sp
-        from cellatlas.deep.estimator import MLPClassifier
-        from cellatlas.deep.plans import NonFiniteLossError
-
-        def main():
-            rng = np.random.default_rng(0)
-            y = rng.integers(0, 3, 600)
-            X = sp.csr_matrix((rng.poisson(1.0, (600, 30)) + 20 * np.eye(3)[y].repeat(10, 1)).astype(np.float32))
-            X.data[::7] = np.nan  # in every process's share of the cells
-            m = MLPClassifier(hidden=(16,), max_epochs=2, n_jobs=1, lr=0.01, trainer={{"accelerator": "cpu", "devices": 2}})
-            try:
-                m.fit(X, y)
-            except NonFiniteLossError as e:
-                print(json.dumps({{"error": str(e)}}))
-
-        if __name__ == "__main__":
-            main()
-    """))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    out = _two_process_fit(tmp_path, """
+        try:
+            m.fit(X, y)
+        except NonFiniteLossError as e:
+            print(json.dumps({"error": str(e)}))
+    """, nan=True)
     assert "\n" not in out["error"]
     assert out["error"].startswith("training loss became nan at epoch 0, batch ") and out["error"].endswith("check the input values")
