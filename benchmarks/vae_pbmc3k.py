@@ -1,0 +1,150 @@
+"""How close the VAE embedding's Leiden clusters come to the PCA embedding's on PBMC 3k.
+
+    python benchmarks/vae_pbmc3k.py                    # every variant, seeds 0 1 2
+    python benchmarks/vae_pbmc3k.py --variants default kl_0.25 --seeds 0
+
+The pipeline runs once up to the cluster stage on ``../shared/data/pbmc3k`` (the tutorials' QC,
+under which ``celltype_seurat`` was made). Then, for each variant of ``train.embedding`` and each
+seed, the VAE is trained exactly as the ``train_vae`` job trains it (``cellatlas.deep.embedding``)
+and its latent space is clustered like the PCA embedding (kNN graph with ``embed.n_neighbors``,
+igraph Leiden) over a grid of resolutions, so both embeddings get the same chances. ARI is against
+``celltype_seurat``. Writes benchmarks/out/vae_pbmc3k/{ari.tsv,summary.tsv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "workflow" / "scripts"))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from workflow_utils import make_workdir, snakemake  # noqa: E402
+
+SHARED = HERE.parent.parent / "shared" / "data" / "pbmc3k" / "pbmc3k_counts_labelled.h5ad"
+RESOLUTIONS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0]
+#: the pipeline's cluster.resolutions default: what the train_vae job itself reports
+DEFAULT_RESOLUTIONS = [0.5, 1.0]
+
+# train.embedding overrides; "hvg" re-selects the genes the VAE reads
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "kl_0.5": {"kl_weight": 0.5},
+    "kl_0.25": {"kl_weight": 0.25},
+    "latent_20": {"n_latent": 20},
+    "encoder_lognorm": {"encoder_input": "lognorm"},
+    "hidden_256x2": {"hidden": 256, "n_layers": 2},
+    "pearson_hvg": {"hvg": "pearson_residuals"},
+    "pearson_hvg_kl_0.25": {"hvg": "pearson_residuals", "kl_weight": 0.25},
+}
+
+
+def cluster_h5ad(out: Path) -> Path:
+    path = out / "w" / "results" / "pbmc3k" / "cluster.h5ad"
+    if path.exists():
+        return path
+    cfg = {
+        "datasets": {"pbmc3k": {"source": {"kind": "h5ad", "path": str(SHARED)}, "label_key": "celltype_seurat"}},
+        "qc": {"mode": "fixed", "fixed": {"min_genes": 200, "max_genes": 2500, "max_pct_mt": 5}},
+        "cluster": {"marker_method": "t-test"},
+        "classify": {"tasks": {}},
+        "train": {"embedding": {"datasets": []}},
+    }
+    w = make_workdir(out / "w", cfg)
+    r = snakemake(w, "--cores", "all", "results/pbmc3k/cluster.h5ad")
+    if r.returncode != 0:
+        sys.exit(r.stderr[-3000:])
+    return path
+
+
+def model_defaults(overrides: dict) -> dict:
+    """train.embedding as the schema fills it, with ``overrides``."""
+    import yaml
+
+    schema = yaml.safe_load((HERE.parent / "config" / "schema" / "config.schema.yaml").read_text())
+    props = schema["properties"]["train"]["properties"]["embedding"]["properties"]
+    model = {k: v["default"] for k, v in props.items() if "default" in v and k != "datasets"}
+    model.update(overrides)
+    return model
+
+
+def leiden_ari(adata, rep: str | None, n_neighbors: int, seed: int = 0) -> dict[float, tuple[float, int]]:
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score
+
+    if rep is not None:
+        sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=rep, random_state=seed)
+    truth = adata.obs["label"].astype(str).to_numpy()
+    out = {}
+    for r in RESOLUTIONS:
+        sc.tl.leiden(adata, resolution=r, key_added="bench", flavor="igraph", n_iterations=2, directed=False,
+                     random_state=seed)
+        out[r] = (float(adjusted_rand_score(truth, adata.obs["bench"].astype(str))), int(adata.obs["bench"].nunique()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=HERE / "out" / "vae_pbmc3k")
+    args = ap.parse_args()
+    if not SHARED.exists():
+        sys.exit(f"{SHARED} is not present")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    from cellatlas.deep.embedding import LATENT, train_vae
+
+    base = ad.read_h5ad(cluster_h5ad(args.out))
+    n_neighbors = int(base.uns["neighbors"]["params"]["n_neighbors"])
+    rows = []
+    for r, (ari, n) in leiden_ari(base.copy(), None, n_neighbors).items():  # the embed stage's own PCA graph
+        rows.append({"embedding": "pca", "variant": "", "seed": 0, "resolution": r, "ari": ari, "n_clusters": n})
+    for name in args.variants:
+        overrides = dict(VARIANTS[name])
+        hvg = overrides.pop("hvg", None)
+        for seed in args.seeds:
+            a = base.copy()
+            if hvg:
+                counts = ad.AnnData(a.layers["counts"].copy())
+                sc.experimental.pp.highly_variable_genes(counts, flavor=hvg, n_top_genes=int(a.var["highly_variable"].sum()))
+                a.var["highly_variable"] = counts.var["highly_variable"].to_numpy()
+            t0 = time.perf_counter()
+            result = train_vae(a, dataset="pbmc3k", model=model_defaults(overrides),
+                               trainer={"accelerator": "cpu", "deterministic": True}, seed=seed)
+            seconds = time.perf_counter() - t0
+            emb = ad.AnnData(obs=a.obs[["label"]].copy(), obsm={LATENT: a.obsm[LATENT]})
+            for r, (ari, n) in leiden_ari(emb, LATENT, n_neighbors).items():
+                rows.append({"embedding": "vae", "variant": name, "seed": seed, "resolution": r, "ari": ari,
+                             "n_clusters": n, "epochs": result.epochs, "train_seconds": seconds})
+            print(name, seed, " ".join(f"{row['resolution']:g}:{row['ari']:.3f}" for row in rows[-len(RESOLUTIONS):]),
+                  flush=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "ari.tsv", sep="\t", index=False)
+
+    def best(df: pd.DataFrame, grid: list[float]) -> pd.Series:
+        return df[df["resolution"].isin(grid)].groupby(["embedding", "variant", "seed"])["ari"].max()
+
+    per_seed = pd.DataFrame({"best_ari_grid": best(table, RESOLUTIONS),
+                             "best_ari_default_resolutions": best(table, DEFAULT_RESOLUTIONS)}).reset_index()
+    summary = per_seed.groupby(["embedding", "variant"]).agg(
+        seeds=("seed", "size"), best_ari_grid_mean=("best_ari_grid", "mean"), best_ari_grid_sd=("best_ari_grid", "std"),
+        best_ari_grid_min=("best_ari_grid", "min"), best_ari_grid_max=("best_ari_grid", "max"),
+        best_ari_default_mean=("best_ari_default_resolutions", "mean")).reset_index()
+    pca = float(summary.loc[summary["embedding"] == "pca", "best_ari_grid_mean"].iloc[0])
+    summary["gap_to_pca"] = pca - summary["best_ari_grid_mean"]
+    summary.to_csv(args.out / "summary.tsv", sep="\t", index=False)
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, CPU")
+    print(summary.round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
