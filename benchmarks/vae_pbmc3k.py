@@ -30,7 +30,7 @@ RESOLUTIONS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0]
 #: the pipeline's cluster.resolutions default: what the train_vae job itself reports
 DEFAULT_RESOLUTIONS = [0.5, 1.0]
 
-# train.embedding overrides; "hvg" re-selects the genes the VAE reads
+# train.embedding overrides
 VARIANTS: dict[str, dict] = {
     "default": {},
     "kl_0.5": {"kl_weight": 0.5},
@@ -38,8 +38,8 @@ VARIANTS: dict[str, dict] = {
     "latent_20": {"n_latent": 20},
     "encoder_lognorm": {"encoder_input": "lognorm"},
     "hidden_256x2": {"hidden": 256, "n_layers": 2},
-    "pearson_hvg": {"hvg": "pearson_residuals"},
-    "pearson_hvg_kl_0.25": {"hvg": "pearson_residuals", "kl_weight": 0.25},
+    "pearson_hvg": {"genes": "pearson_residuals"},
+    "pearson_hvg_kl_0.25": {"genes": "pearson_residuals", "kl_weight": 0.25},
 }
 
 
@@ -99,7 +99,6 @@ def main() -> None:
 
     import anndata as ad
     import pandas as pd
-    import scanpy as sc
 
     from cellatlas.deep.embedding import LATENT, train_vae
 
@@ -109,16 +108,10 @@ def main() -> None:
     for r, (ari, n) in leiden_ari(base.copy(), None, n_neighbors).items():  # the embed stage's own PCA graph
         rows.append({"embedding": "pca", "variant": "", "seed": 0, "resolution": r, "ari": ari, "n_clusters": n})
     for name in args.variants:
-        overrides = dict(VARIANTS[name])
-        hvg = overrides.pop("hvg", None)
         for seed in args.seeds:
             a = base.copy()
-            if hvg:
-                counts = ad.AnnData(a.layers["counts"].copy())
-                sc.experimental.pp.highly_variable_genes(counts, flavor=hvg, n_top_genes=int(a.var["highly_variable"].sum()))
-                a.var["highly_variable"] = counts.var["highly_variable"].to_numpy()
             t0 = time.perf_counter()
-            result = train_vae(a, dataset="pbmc3k", model=model_defaults(overrides),
+            result = train_vae(a, dataset="pbmc3k", model=model_defaults(VARIANTS[name]),
                                trainer={"accelerator": "cpu", "deterministic": True}, seed=seed)
             seconds = time.perf_counter() - t0
             emb = ad.AnnData(obs=a.obs[["label"]].copy(), obsm={LATENT: a.obsm[LATENT]})

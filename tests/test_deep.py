@@ -225,6 +225,34 @@ def test_vae_needs_counts(counts):
         train_vae(a, dataset="sim", model={}, trainer=FAST)
 
 
+def test_vae_genes_are_the_hvgs_or_chosen_by_pearson_residuals(counts, tmp_path):
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.feature_selection import f_classif
+
+    from cellatlas.deep.embedding import load_vae, training_matrix, train_vae
+
+    a = counts.copy()
+    a.var["highly_variable"] = np.arange(a.n_vars) < 100
+    X, genes = training_matrix(a, dataset="sim")
+    assert X.shape == (a.n_obs, 100) and genes == list(a.var_names[:100])
+    X, genes = training_matrix(a, dataset="sim", genes="pearson_residuals")
+    assert X.shape == (a.n_obs, 100) and genes != list(a.var_names[:100])
+    # scanpy's own selection, per batch, on the counts
+    ref = ad.AnnData(a.layers[keys.COUNTS_LAYER].astype(np.float32), obs=a.obs[[keys.BATCH]].astype(str))
+    sc.experimental.pp.highly_variable_genes(ref, flavor="pearson_residuals", n_top_genes=100, batch_key=keys.BATCH)
+    assert set(genes) == set(a.var_names[ref.var["highly_variable"].to_numpy()])
+    # they are the genes that tell the types apart
+    f, _ = f_classif(a.layers[keys.COUNTS_LAYER].toarray(), a.obs[keys.LABEL].astype(str))
+    assert np.nanmean(f[a.var_names.isin(genes)]) > 2 * np.nanmean(f)
+    # the config key reaches the model: its checkpoint names the genes it reads
+    model = {"n_latent": 4, "hidden": 32, "n_layers": 1, "dropout": 0.0, "lr": 1e-3, "weight_decay": 0.0,
+             "kl_warmup_epochs": 0, "max_epochs": 1, "patience": 2, "batch_size": 256, "val_fraction": 0.1,
+             "genes": "pearson_residuals"}
+    train_vae(a, dataset="sim", model=model, trainer=FAST, checkpoint=str(tmp_path / "vae.ckpt"))
+    assert list(load_vae(tmp_path / "vae.ckpt").hparams.genes) == genes
+
+
 def test_vae_checkpoint_carries_genes_and_encodes_a_new_batch(counts, tmp_path):
     from cellatlas.deep.embedding import load_vae, train_vae
 

@@ -26,18 +26,49 @@ def vae_leiden_key(resolution: float) -> str:
     return "vae_" + keys.leiden_key(resolution)
 
 
-def training_matrix(adata, *, dataset: str, hvg_only: bool = True):
-    """Counts (CSR float32) of the genes the VAE reads, and those genes' names."""
+#: how the VAE's genes are chosen: the normalize stage's HVGs, or as many by Pearson residuals of the counts
+GENE_CHOICES = ("hvg", "pearson_residuals")
+
+
+def pearson_residual_genes(adata, n_genes: int) -> np.ndarray:
+    """Mask of the ``n_genes`` genes whose counts' Pearson residuals vary most (per batch when
+    there are batches), as scanpy computes them; measured on PBMC 3k, a VAE reading these genes
+    comes closer to the PCA embedding's clusters than one reading the log-data HVGs."""
+    import anndata as ad
+    import scanpy as sc
+
+    counts = ad.AnnData(sp.csr_matrix(adata.layers[keys.COUNTS_LAYER], dtype=np.float32))
+    batch = None
+    if keys.BATCH in adata.obs and adata.obs[keys.BATCH].nunique() > 1:
+        counts.obs[keys.BATCH] = adata.obs[keys.BATCH].astype(str).to_numpy()
+        batch = keys.BATCH
+    sc.experimental.pp.highly_variable_genes(counts, flavor="pearson_residuals", n_top_genes=min(n_genes, adata.n_vars),
+                                             batch_key=batch)
+    return counts.var["highly_variable"].to_numpy()
+
+
+def training_matrix(adata, *, dataset: str, genes: str = "hvg"):
+    """Counts (CSR float32) of the genes the VAE reads, and those genes' names.
+
+    ``genes``: ``hvg`` (the normalize stage's highly variable genes; every gene when there are
+    none) or ``pearson_residuals`` (as many genes, chosen by :func:`pearson_residual_genes`).
+    """
     if keys.COUNTS_LAYER not in adata.layers:
         raise InputDataError(dataset, "has no raw counts (its values are log-normalized); the VAE's negative-binomial "
                                       "likelihood needs counts: leave it out of train.embedding.datasets")
-    genes = adata.var_names
+    if genes not in GENE_CHOICES:
+        raise ValueError(f"train.embedding.genes '{genes}' is not one of {GENE_CHOICES}")
+    names = adata.var_names
     X = adata.layers[keys.COUNTS_LAYER]
-    if hvg_only and "highly_variable" in adata.var and adata.var["highly_variable"].any():
-        mask = adata.var["highly_variable"].to_numpy()
-        X, genes = X[:, mask], genes[mask]
-    X = sp.csr_matrix(X, dtype=np.float32)
-    return X, list(map(str, genes))
+    hvg = adata.var["highly_variable"].to_numpy() if "highly_variable" in adata.var else np.zeros(adata.n_vars, bool)
+    mask = None
+    if genes == "pearson_residuals":
+        mask = pearson_residual_genes(adata, int(hvg.sum()) or adata.n_vars)
+    elif hvg.any():
+        mask = hvg
+    if mask is not None:
+        X, names = X[:, mask], names[mask]
+    return sp.csr_matrix(X, dtype=np.float32), list(map(str, names))
 
 
 def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping[str, Any], seed: int = 0,
@@ -53,7 +84,7 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
     from cellatlas.deep.training import TrainerSettings, fit
     from cellatlas.deep.training import seed as seed_all
 
-    X, genes = training_matrix(adata, dataset=dataset)
+    X, genes = training_matrix(adata, dataset=dataset, genes=model.get("genes", "hvg"))
     batches, codes = None, None
     if model.get("batch_correct", True) and keys.BATCH in adata.obs and adata.obs[keys.BATCH].nunique() > 1:
         cat = pd.Categorical(adata.obs[keys.BATCH].astype(str))
