@@ -43,48 +43,47 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def cluster_h5ad(out: Path) -> Path:
-    path = out / "w" / "results" / "pbmc3k" / "cluster.h5ad"
-    if path.exists():
-        return path
-    cfg = {
+def pipeline_config(embedding: dict | None = None) -> dict:
+    """The config of the run to the cluster stage; ``embedding``: a train.embedding variant."""
+    return {
         "datasets": {"pbmc3k": {"source": {"kind": "h5ad", "path": str(SHARED)}, "label_key": "celltype_seurat"}},
         "qc": {"mode": "fixed", "fixed": {"min_genes": 200, "max_genes": 2500, "max_pct_mt": 5}},
         "cluster": {"marker_method": "t-test"},
         "classify": {"tasks": {}},
-        "train": {"embedding": {"datasets": []}},
+        "train": {"embedding": {"datasets": [], **(embedding or {})}},
     }
-    w = make_workdir(out / "w", cfg)
+
+
+def cluster_h5ad(out: Path) -> Path:
+    path = out / "w" / "results" / "pbmc3k" / "cluster.h5ad"
+    if path.exists():
+        return path
+    w = make_workdir(out / "w", pipeline_config())
     r = snakemake(w, "--cores", "all", "results/pbmc3k/cluster.h5ad")
     if r.returncode != 0:
         sys.exit(r.stderr[-3000:])
     return path
 
 
-def model_defaults(overrides: dict) -> dict:
-    """train.embedding as the schema fills it, with ``overrides``."""
-    import yaml
+def model_config(variant: dict) -> dict:
+    """train.embedding with ``variant`` over the schema's defaults, validated as the workflow validates it."""
+    from cellatlas.config import validate
 
-    schema = yaml.safe_load((HERE.parent / "config" / "schema" / "config.schema.yaml").read_text())
-    props = schema["properties"]["train"]["properties"]["embedding"]["properties"]
-    model = {k: v["default"] for k, v in props.items() if "default" in v and k != "datasets"}
-    model.update(overrides)
-    return model
+    config = validate(pipeline_config(variant), HERE.parent / "config" / "schema" / "config.schema.yaml")
+    return config["train"]["embedding"]
 
 
 def leiden_ari(adata, rep: str | None, n_neighbors: int, seed: int = 0) -> dict[float, tuple[float, int]]:
+    """{resolution: (ARI against obs["label"], clusters)}, clustered as the cluster stage clusters."""
     import scanpy as sc
-    from sklearn.metrics import adjusted_rand_score
+
+    from cellatlas.cluster import agreement, leiden
 
     if rep is not None:
         sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=rep, random_state=seed)
-    truth = adata.obs["label"].astype(str).to_numpy()
-    out = {}
-    for r in RESOLUTIONS:
-        sc.tl.leiden(adata, resolution=r, key_added="bench", flavor="igraph", n_iterations=2, directed=False,
-                     random_state=seed)
-        out[r] = (float(adjusted_rand_score(truth, adata.obs["bench"].astype(str))), int(adata.obs["bench"].nunique()))
-    return out
+    leiden(adata, resolutions=RESOLUTIONS, seed=seed)
+    table = agreement(adata, resolutions=RESOLUTIONS)
+    return {row.resolution: (row.ari, row.n_clusters) for row in table.itertuples(index=False)}
 
 
 def main() -> None:
@@ -111,7 +110,7 @@ def main() -> None:
         for seed in args.seeds:
             a = base.copy()
             t0 = time.perf_counter()
-            result = train_vae(a, dataset="pbmc3k", model=model_defaults(VARIANTS[name]),
+            result = train_vae(a, dataset="pbmc3k", model=model_config(VARIANTS[name]),
                                trainer={"accelerator": "cpu", "deterministic": True}, seed=seed)
             seconds = time.perf_counter() - t0
             emb = ad.AnnData(obs=a.obs[["label"]].copy(), obsm={LATENT: a.obsm[LATENT]})

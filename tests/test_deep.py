@@ -304,10 +304,9 @@ def test_data_parallel_launch_inside_a_single_task_slurm_job(monkeypatch):
     assert launch_plan(TrainerSettings(accelerator="cpu", devices=2, strategy="ddp_fork"))[0] == "ddp_fork"
 
 
-def _two_process_fit(tmp_path, body: str, *, nan: bool = False) -> dict:
-    """Run ``body`` (indented for ``main``) in a fresh interpreter that fits a small MLP on two
-    spawned CPU processes (X, y ready; ``nan``: NaNs in every process's share); its last stdout
-    line is JSON."""
+def _two_process_fit(tmp_path, body: str) -> dict:
+    """Run ``body`` (indented for ``main``) in a fresh interpreter, where ``m`` is a small MLP set
+    to fit ``X``, ``y`` on two spawned CPU processes; its last stdout line is JSON."""
     import json
     import subprocess
     import sys
@@ -321,14 +320,11 @@ def _two_process_fit(tmp_path, body: str, *, nan: bool = False) -> dict:
         sys.path.insert(0, {str(ROOT / "workflow" / "scripts")!r})
         import numpy as np, scipy.sparse as sp
         from cellatlas.deep.estimator import MLPClassifier
-        from cellatlas.deep.plans import NonFiniteLossError
 
         def main():
             rng = np.random.default_rng(0)
             y = rng.integers(0, 3, 600)
             X = sp.csr_matrix((rng.poisson(1.0, (600, 30)) + 20 * np.eye(3)[y].repeat(10, 1)).astype(np.float32))
-            if {nan!r}:
-                X.data[::7] = np.nan
             m = MLPClassifier(hidden=(16,), max_epochs=4, patience=10, n_jobs=1, lr=0.01,
                               trainer={{"accelerator": "cpu", "devices": 2}})
     """) + textwrap.indent(textwrap.dedent(body), " " * 4) + textwrap.dedent("""
@@ -374,10 +370,13 @@ def test_nan_loss_in_a_spawned_worker_is_the_same_one_line_error(tmp_path):
     """Two processes on the CPU: a NaN loss in a worker reaches the caller as NonFiniteLossError
     with its own message, not as torch's multiprocessing traceback."""
     out = _two_process_fit(tmp_path, """
+        from cellatlas.deep.plans import NonFiniteLossError
+
+        X.data[::7] = np.nan  # in every process's share of the cells
         try:
             m.fit(X, y)
         except NonFiniteLossError as e:
             print(json.dumps({"error": str(e)}))
-    """, nan=True)
+    """)
     assert "\n" not in out["error"]
     assert out["error"].startswith("training loss became nan at epoch 0, batch ") and out["error"].endswith("check the input values")

@@ -61,13 +61,10 @@ def training_matrix(adata, *, dataset: str, genes: str = "hvg"):
     names = adata.var_names
     X = adata.layers[keys.COUNTS_LAYER]
     hvg = adata.var["highly_variable"].to_numpy() if "highly_variable" in adata.var else np.zeros(adata.n_vars, bool)
-    mask = None
     if genes == "pearson_residuals":
-        mask = pearson_residual_genes(adata, int(hvg.sum()) or adata.n_vars)
-    elif hvg.any():
-        mask = hvg
-    if mask is not None:
-        X, names = X[:, mask], names[mask]
+        hvg = pearson_residual_genes(adata, int(hvg.sum()) or adata.n_vars)
+    if hvg.any():
+        X, names = X[:, hvg], names[hvg]
     return sp.csr_matrix(X, dtype=np.float32), list(map(str, names))
 
 
