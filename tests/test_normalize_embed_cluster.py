@@ -76,3 +76,16 @@ def test_cluster_without_labels_reports_nan(normalized):
     embed(normalized, n_pcs=10)
     table, _, summary = cluster(normalized, resolutions=[1.0], marker_resolution=1.0)
     assert np.isnan(table.loc[0, "ari"]) and "best_ari" not in summary
+
+
+def test_cluster_legends_count_in_numeric_order():
+    import pandas as pd
+
+    from cellatlas.plotting import legend_order
+
+    # cluster numbers come back from an h5ad as strings; the legend must not read 0, 1, 10, 11, 2
+    as_text = pd.Series([str(i) for i in (2, 10, 0, 11, 1)], dtype=object)
+    assert list(legend_order(as_text).categories) == ["0", "1", "2", "10", "11"]
+    assert list(legend_order(as_text.astype("category")).categories) == ["0", "1", "2", "10", "11"]
+    labels = pd.Series(["T", "B", None], dtype=object).astype("category")
+    assert list(legend_order(labels).categories) == ["B", "T", "(none)"]

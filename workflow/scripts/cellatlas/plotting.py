@@ -86,9 +86,7 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], path: str, *, ba
         if values is None:
             ax.scatter(xy[:, 0], xy[:, 1], s=size, c="#4C72B0", rasterized=True)
         elif isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
-            cat = pd.Categorical(values) if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.astype(str))
-            if cat.isna().any():
-                cat = cat.add_categories("(none)").fillna("(none)")
+            cat = legend_order(values)
             palette = plt.get_cmap("tab20" if len(cat.categories) > 10 else "tab10")
             codes = cat.codes[order]
             ax.scatter(xy[:, 0], xy[:, 1], s=size, c=palette(codes % palette.N), rasterized=True)
@@ -105,6 +103,18 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], path: str, *, ba
         _embedding_axes(ax, basis)
     fig.suptitle(title)
     _save(fig, path)
+
+
+def legend_order(values: pd.Series) -> pd.Categorical:
+    """``values`` as categories in legend order: cluster numbers by number (0, 1, 2, ..., 10, not
+    0, 1, 10, 2), whatever their dtype after an h5ad round trip; missing values as '(none)'."""
+    cat = pd.Categorical(values) if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.astype(str))
+    names = [str(c) for c in cat.categories]
+    if names and all(n.isdigit() for n in names):
+        cat = cat.reorder_categories(sorted(cat.categories, key=lambda c: int(str(c))))
+    if cat.isna().any():
+        cat = cat.add_categories("(none)").fillna("(none)")
+    return cat
 
 
 def _embedding_axes(ax, basis: str) -> None:
