@@ -2,6 +2,7 @@
 
     python benchmarks/vae_pbmc3k.py                    # every variant, seeds 0-4
     python benchmarks/vae_pbmc3k.py --variants default pearson_kl_0.1 --seeds 0
+    python benchmarks/vae_pbmc3k.py --variants --context --ensembles pearson_kl_0.1 --seeds $(seq 0 14)
 
 The pipeline runs once up to the cluster stage on ``../shared/data/pbmc3k`` (the tutorials' QC,
 under which ``celltype_seurat`` was made). Then, for each variant of ``train.embedding`` and each
@@ -9,7 +10,9 @@ seed, the VAE is trained exactly as the ``train_vae`` job trains it (``cellatlas
 and its latent space is clustered like the PCA embedding (kNN graph with ``embed.n_neighbors``,
 igraph Leiden) over a grid of resolutions, so both embeddings get the same chances. ARI is against
 ``celltype_seurat``. Writes benchmarks/out/vae_pbmc3k/{ari.tsv,summary.tsv}; a run of some variants
-keeps the rows of the others already there.
+keeps the rows of the others already there, and each trained latent space is saved (``latent/``).
+``--context`` adds how far the PCA side moves with its own choices (number of PCs, Leiden seed,
+Pearson-residual PCA); ``--ensembles`` clusters disjoint groups of saved latent spaces side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ VARIANTS: dict[str, dict] = {
     "pearson_kl_0.1_hidden_256x2": {"genes": "pearson_residuals", "kl_weight": 0.1, "hidden": 256, "n_layers": 2},
     # at 100 epochs the validation loss is still falling
     "pearson_kl_0.1_epochs_200": {"genes": "pearson_residuals", "kl_weight": 0.1, "max_epochs": 200, "patience": 20},
+    "pearson_kl_0.1_latent_20": {"genes": "pearson_residuals", "kl_weight": 0.1, "n_latent": 20},
+    "pearson_kl_0.1_latent_30": {"genes": "pearson_residuals", "kl_weight": 0.1, "n_latent": 30},
+    "pearson_kl_0.1_scaled": {"genes": "pearson_residuals", "kl_weight": 0.1, "encoder_input": "scaled"},
+    "pearson_kl_0.1_val_0": {"genes": "pearson_residuals", "kl_weight": 0.1, "val_fraction": 0.0},
+    "pearson_kl_0.1_batch_256": {"genes": "pearson_residuals", "kl_weight": 0.1, "batch_size": 256},
 }
 
 
@@ -103,10 +111,68 @@ def kept_rows(path: Path, rerun: set[tuple[str, int]]) -> list[dict]:
     return keep
 
 
+def best_ari(obs, z, n_neighbors: int, seed: int = 0) -> tuple[float, float]:
+    """(best ARI over the grid, its resolution) of the Leiden clusters of embedding ``z``."""
+    import anndata as ad
+    import numpy as np
+
+    emb = ad.AnnData(obs=obs[["label"]].copy(), obsm={"X": np.ascontiguousarray(z, dtype=np.float32)})
+    r, (ari, _) = max(leiden_ari(emb, "X", n_neighbors, seed).items(), key=lambda kv: kv[1][0])
+    return ari, r
+
+
+def context_rows(base, n_neighbors: int) -> list[dict]:
+    """How much the PCA side's own figure moves: the embed stage's PCA cut to fewer PCs, with
+    other Leiden seeds, and scanpy's Pearson-residual PCA on the genes the Pearson VAE reads."""
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    from cellatlas import keys
+    from cellatlas.deep.embedding import pearson_residual_genes
+
+    rows = []
+    pcs = base.obsm["X_pca"]
+    for n in (10, 20, 30, pcs.shape[1]):
+        ari, r = best_ari(base.obs, pcs[:, :n], n_neighbors)
+        rows.append({"embedding": f"PCA, first {n} PCs", "leiden_seed": 0, "best_ari": ari, "resolution": r})
+    for seed in range(1, 10):
+        ari, r = best_ari(base.obs, pcs, n_neighbors, seed)
+        rows.append({"embedding": f"PCA, first {pcs.shape[1]} PCs", "leiden_seed": seed, "best_ari": ari, "resolution": r})
+    mask = pearson_residual_genes(base, int(base.var["highly_variable"].sum()))
+    counts = ad.AnnData(sp.csr_matrix(base.layers[keys.COUNTS_LAYER][:, mask], dtype=np.float32))
+    sc.experimental.pp.normalize_pearson_residuals(counts)
+    sc.pp.pca(counts, n_comps=50, random_state=0)
+    ari, r = best_ari(base.obs, counts.obsm["X_pca"], n_neighbors)
+    rows.append({"embedding": "Pearson-residual PCA, 50 PCs", "leiden_seed": 0, "best_ari": ari, "resolution": r})
+    return rows
+
+
+def ensemble_rows(base, latent_dir: Path, variant: str, seeds: list[int], sizes: list[int], n_neighbors: int) -> list[dict]:
+    """Disjoint groups of ``size`` consecutive seeds of ``variant``: their saved latent spaces side
+    by side (the squared distance is the sum of the members'), clustered like one embedding."""
+    import numpy as np
+
+    latents = {s: np.load(latent_dir / f"{variant}_seed{s}.npy") for s in seeds}
+    rows = []
+    for size in sizes:
+        for i in range(0, len(seeds) - size + 1, size):
+            group = seeds[i:i + size]
+            ari, r = best_ari(base.obs, np.concatenate([latents[s] for s in group], axis=1), n_neighbors)
+            rows.append({"variant": variant, "size": size, "seeds": " ".join(map(str, group)), "best_ari": ari,
+                         "resolution": r})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="variants to train (none: only the analyses below, on what is saved)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--context", action="store_true", help="also write context.tsv: the PCA side's own spread")
+    ap.add_argument("--ensembles", metavar="VARIANT", choices=list(VARIANTS),
+                    help="also write ensembles.tsv: groups of 3 and 5 of --seeds of VARIANT's saved latent spaces")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "vae_pbmc3k")
     args = ap.parse_args()
     if not SHARED.exists():
@@ -114,6 +180,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     import anndata as ad
+    import numpy as np
     import pandas as pd
 
     from cellatlas.deep.embedding import LATENT, train_vae
@@ -131,6 +198,8 @@ def main() -> None:
                                trainer={"accelerator": "cpu", "deterministic": True}, seed=seed)
             seconds = time.perf_counter() - t0
             emb = ad.AnnData(obs=a.obs[["label"]].copy(), obsm={LATENT: a.obsm[LATENT]})
+            (args.out / "latent").mkdir(exist_ok=True)
+            np.save(args.out / "latent" / f"{name}_seed{seed}.npy", a.obsm[LATENT])  # for studies of the latents
             for r, (ari, n) in leiden_ari(emb, LATENT, n_neighbors).items():
                 rows.append({"embedding": "vae", "variant": name, "seed": seed, "resolution": r, "ari": ari,
                              "n_clusters": n, "epochs": result.epochs, "train_seconds": seconds})
@@ -139,6 +208,14 @@ def main() -> None:
             pd.DataFrame(rows).to_csv(args.out / "ari.tsv", sep="\t", index=False)  # a long run keeps what it measured
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "ari.tsv", sep="\t", index=False)
+    if args.context:
+        context = pd.DataFrame(context_rows(base, n_neighbors))
+        context.to_csv(args.out / "context.tsv", sep="\t", index=False)
+        print(context.round(3).to_string(index=False))
+    if args.ensembles:
+        ensembles = pd.DataFrame(ensemble_rows(base, args.out / "latent", args.ensembles, args.seeds, [3, 5], n_neighbors))
+        ensembles.to_csv(args.out / "ensembles.tsv", sep="\t", index=False)
+        print(ensembles.round(3).to_string(index=False))
 
     def best(df: pd.DataFrame, grid: list[float]) -> pd.Series:
         return df[df["resolution"].isin(grid)].groupby(["embedding", "variant", "seed"])["ari"].max()
