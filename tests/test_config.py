@@ -31,6 +31,15 @@ def test_defaults_are_filled_in():
     assert cfg["classify"]["classifiers"]["knn"]["input"] == "pca"
 
 
+def test_schema_defaults_are_what_validation_fills_in():
+    from cellatlas.config import schema_defaults
+
+    cfg = validate({"datasets": {"d1": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}}}}, SCHEMA)
+    assert schema_defaults("train", "embedding") == cfg["train"]["embedding"]
+    assert schema_defaults("train", "embedding", schema=SCHEMA)["kl_weight"] == 1.0
+    assert schema_defaults("cluster")["resolutions"] == [0.5, 1.0]
+
+
 def test_classify_tasks_default_to_every_labelled_dataset():
     from cellatlas.config import classify_tasks
 

@@ -216,6 +216,19 @@ def test_vae_embeds_counts_and_recovers_types(counts):
     assert plain.loc[0, "ari_vae"] < table.loc[0, "ari_vae"] - 0.3, (plain, table)
 
 
+def test_vae_keys_left_out_take_the_schemas_defaults(counts):
+    from cellatlas.config import schema_defaults
+    from cellatlas.deep.embedding import LATENT, train_vae
+
+    defaults = schema_defaults("train", "embedding")
+    a = counts.copy()
+    result = train_vae(a, dataset="sim", model={"max_epochs": 1}, trainer=FAST, seed=0)
+    hp = result.plan.hparams
+    assert a.obsm[LATENT].shape[1] == hp.n_latent == defaults["n_latent"]
+    assert (hp.kl_weight, hp.encoder_input, hp.hidden) == (defaults["kl_weight"], defaults["encoder_input"], defaults["hidden"])
+    assert result.epochs == 1
+
+
 def test_vae_needs_counts(counts):
     from cellatlas.deep.embedding import train_vae
 

@@ -28,6 +28,19 @@ def _with_defaults(validator_class):
     return validators.extend(validator_class, {"properties": set_defaults})
 
 
+#: the workflow's schema: config/schema next to workflow/scripts/cellatlas
+SCHEMA = Path(__file__).resolve().parents[3] / "config" / "schema" / "config.schema.yaml"
+
+
+def schema_defaults(*keys: str, schema: str | Path = SCHEMA) -> dict[str, Any]:
+    """The schema's defaults of the object at ``keys`` (e.g. ``"train", "embedding"``), so that
+    library callers who pass a partial block get what the workflow would have filled in."""
+    node = yaml.safe_load(Path(schema).read_text())
+    for key in keys:
+        node = node["properties"][key]
+    return {name: copy.deepcopy(sub["default"]) for name, sub in node.get("properties", {}).items() if "default" in sub}
+
+
 def _path(error) -> str:
     parts = [str(p) for p in error.absolute_path]
     return ".".join(parts) if parts else "(top level)"

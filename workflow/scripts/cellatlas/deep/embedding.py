@@ -73,17 +73,20 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
     """Train the VAE on ``adata``'s counts; ``obsm[LATENT]`` gets the posterior means.
 
     ``model`` is the config's ``train.embedding`` block (architecture, optimizer, epochs,
-    ``batch_size``, ``val_fraction``, ``batch_correct``). Validation cells are whole donors when
-    the dataset has enough of them. Returns the :class:`~cellatlas.deep.training.FitResult`.
+    ``batch_size``, ``val_fraction``, ``batch_correct``); keys it lacks take the schema's defaults.
+    Validation cells are whole donors when the dataset has enough of them. Returns the
+    :class:`~cellatlas.deep.training.FitResult`.
     """
+    from cellatlas.config import schema_defaults
     from cellatlas.deep.data import CellDataModule, CSRTensors, SparseBatches
     from cellatlas.deep.plans import VAEPlan
     from cellatlas.deep.training import TrainerSettings, fit
     from cellatlas.deep.training import seed as seed_all
 
-    X, genes = training_matrix(adata, dataset=dataset, genes=model.get("genes", "hvg"))
+    model = {**schema_defaults("train", "embedding"), **model}
+    X, genes = training_matrix(adata, dataset=dataset, genes=model["genes"])
     batches, codes = None, None
-    if model.get("batch_correct", True) and keys.BATCH in adata.obs and adata.obs[keys.BATCH].nunique() > 1:
+    if model["batch_correct"] and keys.BATCH in adata.obs and adata.obs[keys.BATCH].nunique() > 1:
         cat = pd.Categorical(adata.obs[keys.BATCH].astype(str))
         batches, codes = list(map(str, cat.categories)), cat.codes.astype(np.int64)
     groups = adata.obs[keys.DONOR].astype(str).to_numpy() if keys.DONOR in adata.obs else None
@@ -93,7 +96,8 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
     plan = VAEPlan(
         n_genes=X.shape[1], n_latent=model["n_latent"], hidden=model["hidden"], n_layers=model["n_layers"],
         n_batches=len(batches or []), dropout=model["dropout"], lr=model["lr"], weight_decay=model["weight_decay"],
-        kl_warmup_epochs=model["kl_warmup_epochs"], encoder_input=model.get("encoder_input", "log1p"), kl_weight=model.get("kl_weight", 1.0), genes=genes, batches=batches,
+        kl_warmup_epochs=model["kl_warmup_epochs"], encoder_input=model["encoder_input"], kl_weight=model["kl_weight"],
+        genes=genes, batches=batches,
     )
     data = CellDataModule(X, covariate=codes, groups=groups, val_fraction=model["val_fraction"],
                           batch_size=model["batch_size"], seed=seed, on_device=settings.data_on_device)
