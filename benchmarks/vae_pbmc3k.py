@@ -177,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} is not present")
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latent").mkdir(parents=True, exist_ok=True)
 
     import anndata as ad
     import numpy as np
@@ -198,7 +198,6 @@ def main() -> None:
                                trainer={"accelerator": "cpu", "deterministic": True}, seed=seed)
             seconds = time.perf_counter() - t0
             emb = ad.AnnData(obs=a.obs[["label"]].copy(), obsm={LATENT: a.obsm[LATENT]})
-            (args.out / "latent").mkdir(exist_ok=True)
             np.save(args.out / "latent" / f"{name}_seed{seed}.npy", a.obsm[LATENT])  # for studies of the latents
             for r, (ari, n) in leiden_ari(emb, LATENT, n_neighbors).items():
                 rows.append({"embedding": "vae", "variant": name, "seed": seed, "resolution": r, "ari": ari,

@@ -34,7 +34,8 @@ SCHEMA = Path(__file__).resolve().parents[3] / "config" / "schema" / "config.sch
 
 def schema_defaults(*keys: str, schema: str | Path = SCHEMA) -> dict[str, Any]:
     """The schema's defaults of the object at ``keys`` (e.g. ``"train", "embedding"``), so that
-    library callers who pass a partial block get what the workflow would have filled in."""
+    library callers who pass a partial block get what the workflow would have filled in. One
+    level only: a nested object's default is returned as written, not filled in further."""
     node = yaml.safe_load(Path(schema).read_text())
     for key in keys:
         node = node["properties"][key]
