@@ -3,6 +3,7 @@
     python benchmarks/vae_pbmc3k.py                    # every variant, seeds 0-4
     python benchmarks/vae_pbmc3k.py --variants default pearson_kl_0.1 --seeds 0
     python benchmarks/vae_pbmc3k.py --variants --context --ensembles pearson_kl_0.1 --seeds $(seq 0 14)
+    python benchmarks/vae_pbmc3k.py --variants --neighbors 10 15 30 --seeds $(seq 0 14)
 
 The pipeline runs once up to the cluster stage on ``../shared/data/pbmc3k`` (the tutorials' QC,
 under which ``celltype_seurat`` was made). Then, for each variant of ``train.embedding`` and each
@@ -12,7 +13,8 @@ igraph Leiden) over a grid of resolutions, so both embeddings get the same chanc
 ``celltype_seurat``. Writes benchmarks/out/vae_pbmc3k/{ari.tsv,summary.tsv}; a run of some variants
 keeps the rows of the others already there, and each trained latent space is saved (``latent/``).
 ``--context`` adds how far the PCA side moves with its own choices (number of PCs, Leiden seed,
-Pearson-residual PCA); ``--ensembles`` clusters disjoint groups of saved latent spaces side by side.
+Pearson-residual PCA); ``--ensembles`` clusters disjoint groups of saved latent spaces side by side;
+``--neighbors`` clusters PCA and the same saved latent spaces on kNN graphs of other sizes.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ VARIANTS: dict[str, dict] = {
     "pearson_kl_0.1_scaled": {"genes": "pearson_residuals", "kl_weight": 0.1, "encoder_input": "scaled"},
     "pearson_kl_0.1_val_0": {"genes": "pearson_residuals", "kl_weight": 0.1, "val_fraction": 0.0},
     "pearson_kl_0.1_batch_256": {"genes": "pearson_residuals", "kl_weight": 0.1, "batch_size": 256},
+    "pearson_kl_0.1_dropout_0": {"genes": "pearson_residuals", "kl_weight": 0.1, "dropout": 0.0},
+    "pearson_kl_0.1_lr_3e-3": {"genes": "pearson_residuals", "kl_weight": 0.1, "lr": 0.003},
+    "pearson_kl_0.1_lr_3e-4_epochs_200": {"genes": "pearson_residuals", "kl_weight": 0.1, "lr": 0.0003, "max_epochs": 200,
+                                          "patience": 20},
 }
 
 
@@ -165,6 +171,21 @@ def ensemble_rows(base, latent_dir: Path, variant: str, seeds: list[int], sizes:
     return rows
 
 
+def neighbor_rows(base, latent_dir: Path, variant: str, seeds: list[int], counts: list[int]) -> list[dict]:
+    """The PCA embedding and each saved latent space of ``variant`` on kNN graphs of ``counts``
+    neighbours (both embeddings alike; include the pipeline's ``embed.n_neighbors`` to compare)."""
+    import numpy as np
+
+    rows = []
+    for k in counts:
+        ari, r = best_ari(base.obs, base.obsm["X_pca"], k)
+        rows.append({"n_neighbors": k, "embedding": "pca", "seed": 0, "best_ari": ari, "resolution": r})
+        for s in seeds:
+            ari, r = best_ari(base.obs, np.load(latent_dir / f"{variant}_seed{s}.npy"), k)
+            rows.append({"n_neighbors": k, "embedding": variant, "seed": s, "best_ari": ari, "resolution": r})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
@@ -173,6 +194,10 @@ def main() -> None:
     ap.add_argument("--context", action="store_true", help="also write context.tsv: the PCA side's own spread")
     ap.add_argument("--ensembles", metavar="VARIANT", choices=list(VARIANTS),
                     help="also write ensembles.tsv: groups of 3 and 5 of --seeds of VARIANT's saved latent spaces")
+    ap.add_argument("--neighbors", type=int, nargs="+", metavar="K",
+                    help="also write neighbors.tsv: PCA and --latents' saved latent spaces on K-neighbour graphs")
+    ap.add_argument("--latents", metavar="VARIANT", choices=list(VARIANTS), default="pearson_kl_0.1",
+                    help="the variant whose saved latent spaces (of --seeds) --neighbors clusters")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "vae_pbmc3k")
     args = ap.parse_args()
     if not SHARED.exists():
@@ -211,10 +236,22 @@ def main() -> None:
         context = pd.DataFrame(context_rows(base, n_neighbors))
         context.to_csv(args.out / "context.tsv", sep="\t", index=False)
         print(context.round(3).to_string(index=False))
+
+    def require_latents(variant: str) -> None:
+        missing = [s for s in args.seeds if not (args.out / "latent" / f"{variant}_seed{s}.npy").exists()]
+        if missing:
+            sys.exit(f"no saved latent space of {variant} for seeds {missing}: train them first (--variants {variant})")
+
     if args.ensembles:
+        require_latents(args.ensembles)
         ensembles = pd.DataFrame(ensemble_rows(base, args.out / "latent", args.ensembles, args.seeds, [3, 5], n_neighbors))
         ensembles.to_csv(args.out / "ensembles.tsv", sep="\t", index=False)
         print(ensembles.round(3).to_string(index=False))
+    if args.neighbors:
+        require_latents(args.latents)
+        table_k = pd.DataFrame(neighbor_rows(base, args.out / "latent", args.latents, args.seeds, args.neighbors))
+        table_k.to_csv(args.out / "neighbors.tsv", sep="\t", index=False)
+        print(table_k.groupby(["n_neighbors", "embedding"])["best_ari"].agg(["mean", "std", "size"]).round(3))
 
     def best(df: pd.DataFrame, grid: list[float]) -> pd.Series:
         return df[df["resolution"].isin(grid)].groupby(["embedding", "variant", "seed"])["ari"].max()

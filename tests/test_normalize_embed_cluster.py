@@ -89,3 +89,45 @@ def test_cluster_legends_count_in_numeric_order():
     assert list(legend_order(as_text.astype("category")).categories) == ["0", "1", "2", "10", "11"]
     labels = pd.Series(["T", "B", None], dtype=object).astype("category")
     assert list(legend_order(labels).categories) == ["B", "T", "(none)"]
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (0.8, 0.2)])
+@pytest.mark.parametrize("transformer", [None, "pynndescent"])
+def test_batch_mixing_is_one_for_mixed_batches_and_zero_for_separated(shares, transformer):
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    from cellatlas.cluster import batch_mixing
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    batch = pd.Categorical(rng.choice(["b0", "b1"], size=n, p=shares))
+    points = rng.normal(size=(n, 5)).astype(np.float32)
+
+    def mixing(z):
+        a = ad.AnnData(obs=pd.DataFrame({keys.BATCH: batch}, index=[f"c{i}" for i in range(n)]), obsm={"z": z})
+        # PyNNDescent (scanpy's choice from 8,192 cells) keeps each cell as its own neighbour
+        sc.pp.neighbors(a, n_neighbors=15, use_rep="z", random_state=0, transformer=transformer)
+        return batch_mixing(a)
+
+    # the batch drawn independently of where a cell lies: as mixed as random neighbours
+    assert mixing(points) == pytest.approx(1.0, abs=0.05)
+    # each batch shifted far from the other: no neighbour across
+    shifted = points + 100 * (batch.codes[:, None] == 1)
+    assert mixing(shifted.astype(np.float32)) == pytest.approx(0.0, abs=1e-9)
+    # half the batch effect: in between
+    assert 0.05 < mixing((points + 1.5 * (batch.codes[:, None] == 1)).astype(np.float32)) < 0.9
+
+
+def test_cluster_reports_batch_mixing_only_with_batches(normalized):
+    from cellatlas.cluster import batch_mixing
+
+    embed(normalized, n_pcs=10)
+    _, _, summary = cluster(normalized, resolutions=[1.0], marker_resolution=1.0, marker_n_genes=5)
+    assert 0 < summary["batch_mixing"] == pytest.approx(batch_mixing(normalized))
+    assert np.isnan(batch_mixing(normalized, key="no_such_column"))
+    normalized.obs[keys.BATCH] = "one"
+    assert np.isnan(batch_mixing(normalized))
+    _, _, summary = cluster(normalized, resolutions=[1.0], marker_resolution=1.0, marker_n_genes=5)
+    assert "batch_mixing" not in summary

@@ -56,6 +56,39 @@ def agreement(adata, *, resolutions: list[float]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["resolution", "n_clusters", "n_labelled", "ari", "nmi"])
 
 
+def batch_mixing(adata, *, key: str = keys.BATCH) -> float:
+    """How well the kNN graph (``obsp["distances"]``) mixes the batches in ``obs[key]``.
+
+    Each cell's share of neighbours from another batch, averaged over cells, divided by the share
+    a graph drawn at random would give (the chance that another cell belongs to another batch).
+    So 1 means the batches are as mixed as random neighbours (a little more is possible), 0 means
+    no edge crosses a batch; a neighbour-share cousin of the entropy of batch mixing (Haghverdi et
+    al., 2018), scaled so that datasets with unequal batches read alike. NaN with fewer than two
+    batches.
+    """
+    import scipy.sparse as sp
+
+    if key not in adata.obs:
+        return float("nan")
+    codes = pd.Categorical(adata.obs[key].astype(str)).codes
+    sizes = np.bincount(codes)
+    if len(sizes) < 2:
+        return float("nan")
+    n = len(codes)
+    graph = sp.csr_matrix(adata.obsp["distances"])
+    rows = np.repeat(np.arange(n), np.diff(graph.indptr))
+    cols = graph.indices
+    # scanpy keeps each cell as its own (zero-distance) neighbour when PyNNDescent built the graph
+    # (8,192 cells and more), and drops it below: count other cells only, so both read alike
+    keep = rows != cols
+    rows, cols = rows[keep], cols[keep]
+    degree = np.bincount(rows, minlength=n)
+    has = degree > 0
+    observed = np.bincount(rows, weights=codes[rows] != codes[cols], minlength=n)[has] / degree[has]
+    expected = ((n - sizes[codes]) / (n - 1))[has]
+    return float(observed.mean() / expected.mean())
+
+
 def agreement_summary(table: pd.DataFrame) -> dict[str, float]:
     """Metrics of an :func:`agreement` table: ``n_clusters_r<res>``, ``ari_r<res>``, ``nmi_r<res>``,
     ``best_ari`` and ``best_ari_resolution`` (the last four only with labels)."""
@@ -107,11 +140,16 @@ def cluster(
     Returns
     -------
     ``(agreement table, marker table, summary dict)``; params in ``uns["cellatlas"]["cluster"]``.
+    The summary has the ARI/NMI of :func:`agreement_summary` and, when the dataset has batches,
+    the kNN graph's :func:`batch_mixing`.
     """
     leiden(adata, resolutions=resolutions, seed=seed)
     table = agreement(adata, resolutions=resolutions)
     marker_table = markers(adata, resolution=marker_resolution, method=marker_method, n_genes=marker_n_genes)
     summary = agreement_summary(table)
+    mixing = batch_mixing(adata)
+    if not np.isnan(mixing):
+        summary["batch_mixing"] = mixing
     adata.uns[keys.UNS_KEY]["cluster"] = {
         "params": {
             "resolutions": list(map(float, resolutions)),

@@ -21,6 +21,9 @@ COLUMNS = {
     ("cluster", "best_ari_resolution"): "best_ari_resolution",
     ("train", "best_ari"): "vae_best_ari",
     ("train", "best_ari_resolution"): "vae_best_ari_resolution",
+    # how well each embedding's kNN graph mixes the batches (datasets with batches)
+    ("cluster", "batch_mixing"): "batch_mixing",
+    ("train", "batch_mixing"): "vae_batch_mixing",
 }
 
 
@@ -48,7 +51,7 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
     table = table[first + rest + runs].sort_values("dataset").reset_index(drop=True)
     for col in table.columns:  # metrics travel as floats; show counts as integers
         values = table[col]
-        if values.dtype.kind == "f" and values.dropna().apply(float.is_integer).all() and not col.startswith(("ari", "nmi", "best_ari_res", "vae_ari", "vae_nmi", "vae_best_ari_res")):
+        if values.dtype.kind == "f" and values.dropna().apply(float.is_integer).all() and not col.startswith(("ari", "nmi", "best_ari_res", "vae_ari", "vae_nmi", "vae_best_ari_res", "batch_mixing", "vae_batch_mixing")):
             table[col] = values.astype("Int64")
     return table
 

@@ -112,15 +112,23 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
 
 
 def cluster_embedding(adata, *, n_neighbors: int, resolutions: list[float], umap_min_dist: float, seed: int = 0):
-    """kNN graph, Leiden and UMAP on ``obsm[LATENT]``; returns a table comparing the VAE's and
-    the PCA embedding's clusters (``obs[leiden_r*]``) with the labels at each resolution."""
+    """kNN graph, Leiden and UMAP on ``obsm[LATENT]``.
+
+    Returns
+    -------
+    ``(table, mixing)``: the table compares the VAE's and the PCA embedding's clusters
+    (``obs[leiden_r*]``) with the labels at each resolution; ``mixing`` is empty unless the dataset
+    has batches, and then holds how well the VAE's kNN graph mixes them (``batch_mixing``) and,
+    where ``adata`` has the embed stage's graph, the PCA graph's (``batch_mixing_pca``), as
+    :func:`cellatlas.cluster.batch_mixing` measures them.
+    """
     import anndata as ad
     import scanpy as sc
 
-    from cellatlas.cluster import agreement, leiden
+    from cellatlas.cluster import agreement, batch_mixing, leiden
     from cellatlas.embed import umap
 
-    emb = ad.AnnData(obs=adata.obs[[c for c in (keys.LABEL,) if c in adata.obs]].copy(),
+    emb = ad.AnnData(obs=adata.obs[[c for c in (keys.LABEL, keys.BATCH) if c in adata.obs]].copy(),
                      obsm={LATENT: adata.obsm[LATENT]})
     sc.pp.neighbors(emb, n_neighbors=n_neighbors, use_rep=LATENT, random_state=seed)
     leiden(emb, resolutions=resolutions, seed=seed)
@@ -135,7 +143,10 @@ def cluster_embedding(adata, *, n_neighbors: int, resolutions: list[float], umap
     if pca is not None:
         table = table.merge(pca[["resolution", "n_clusters", "ari", "nmi"]].rename(
             columns={c: f"{c}_pca" for c in ("n_clusters", "ari", "nmi")}), on="resolution")
-    return table
+    mixing = {"batch_mixing": batch_mixing(emb)}
+    if "distances" in adata.obsp:
+        mixing["batch_mixing_pca"] = batch_mixing(adata)
+    return table, {k: v for k, v in mixing.items() if not np.isnan(v)}
 
 
 def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model: Mapping[str, Any],
@@ -152,8 +163,8 @@ def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model:
     result = train_vae(adata, dataset=dataset, model=model, trainer=trainer, seed=seed, tracking=tracking,
                        checkpoint=outputs["checkpoint"])
     resolutions = list(cluster["resolutions"])
-    table = cluster_embedding(adata, n_neighbors=embed["n_neighbors"], resolutions=resolutions,
-                              umap_min_dist=embed["umap_min_dist"], seed=seed)
+    table, mixing = cluster_embedding(adata, n_neighbors=embed["n_neighbors"], resolutions=resolutions,
+                                      umap_min_dist=embed["umap_min_dist"], seed=seed)
     table.to_csv(outputs["clusters"], sep="\t", index=False)
     history = pd.DataFrame(result.history)
     history.to_csv(outputs["history"], sep="\t", index=False)
@@ -177,9 +188,13 @@ def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model:
                                "n_latent": int(model["n_latent"]), "n_batches": int(result.plan.hparams.n_batches)}
     vae = table.rename(columns={f"{c}_vae": c for c in ("n_clusters", "ari", "nmi")})
     summary.update(agreement_summary(vae))
+    summary.update(mixing)
     if "best_ari" in summary and "ari_pca" in table:
         summary["best_ari_pca"] = float(table["ari_pca"].max())
     log.info("%s", table.to_string(index=False))
+    if mixing:
+        log.info("batch mixing of the kNN graph (1: as mixed as random neighbours): %s",
+                 ", ".join(f"{k} {v:.3f}" for k, v in mixing.items()))
     if run is not None:
         run.log_metrics(summary)
         for key in ("clusters", "history", "curves", "umap", "checkpoint"):
