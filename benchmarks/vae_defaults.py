@@ -63,7 +63,7 @@ def main() -> None:
     import anndata as ad
     import pandas as pd
 
-    from cellatlas.config import validate
+    from cellatlas.config import SCHEMA, validate
     from cellatlas.deep.embedding import cluster_embedding, train_vae
 
     out = HERE / "out" / "vae_defaults"
@@ -72,7 +72,7 @@ def main() -> None:
     for name, (config, dataset, epochs_list) in configs().items():
         base = ad.read_h5ad(cluster_h5ad(out, name, config, dataset))
         # every key the job would get, the schema's defaults filled in as the workflow fills them
-        config = validate(copy.deepcopy(config), HERE.parent / "config" / "schema" / "config.schema.yaml")
+        config = validate(copy.deepcopy(config), SCHEMA)
         embedding = {k: v for k, v in config["train"]["embedding"].items() if k != "datasets"}
         embed, cluster = config["embed"], config["cluster"]
         for epochs in epochs_list:

@@ -82,9 +82,9 @@ def cluster_h5ad(out: Path) -> Path:
 
 def model_config(variant: dict) -> dict:
     """train.embedding with ``variant`` over the schema's defaults, validated as the workflow validates it."""
-    from cellatlas.config import validate
+    from cellatlas.config import SCHEMA, validate
 
-    config = validate(pipeline_config(variant), HERE.parent / "config" / "schema" / "config.schema.yaml")
+    config = validate(pipeline_config(variant), SCHEMA)
     return config["train"]["embedding"]
 
 
@@ -176,12 +176,13 @@ def neighbor_rows(base, latent_dir: Path, variant: str, seeds: list[int], counts
     neighbours (both embeddings alike; include the pipeline's ``embed.n_neighbors`` to compare)."""
     import numpy as np
 
+    latents = {s: np.load(latent_dir / f"{variant}_seed{s}.npy") for s in seeds}
     rows = []
     for k in counts:
         ari, r = best_ari(base.obs, base.obsm["X_pca"], k)
         rows.append({"n_neighbors": k, "embedding": "pca", "seed": 0, "best_ari": ari, "resolution": r})
         for s in seeds:
-            ari, r = best_ari(base.obs, np.load(latent_dir / f"{variant}_seed{s}.npy"), k)
+            ari, r = best_ari(base.obs, latents[s], k)
             rows.append({"n_neighbors": k, "embedding": variant, "seed": s, "best_ari": ari, "resolution": r})
     return rows
 
