@@ -15,8 +15,9 @@ $(BIN)/snakemake: pyproject.toml requirements.lock
 
 install: $(BIN)/snakemake
 
+# the demo: config/demo.yaml replaces (not extends) config/config.yaml, which is yours
 run: install
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml --replace-workflow-config
 
 test: install
 	$(BIN)/python -m pytest -v

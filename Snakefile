@@ -9,14 +9,21 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# yours; the demo (`make run`) replaces it with config/demo.yaml
 configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
 
 
+report: "workflow/report/workflow.rst"
+
+
 # The schema's defaults are filled in here; errors are one line naming the key.
 validate_config(config, "config/schema/config.schema.yaml")
+if not config["datasets"]:
+    print("cellatlas: no datasets in the config: add yours to config/config.yaml (README: Configure your data), "
+          "or run the demo with `make run`", file=sys.stderr)
 
 
 # ids are single path components (the schema's id pattern), never "a/b"

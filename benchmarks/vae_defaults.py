@@ -43,7 +43,7 @@ def configs() -> dict[str, tuple[dict, str, list[int]]]:
     not copied, so that these figures describe what the test runs."""
     from test_workflow import CONFIG
 
-    default = yaml.safe_load((HERE.parent / "config" / "config.yaml").read_text())
+    default = yaml.safe_load((HERE.parent / "config" / "demo.yaml").read_text())
     return {"default run": (default, "sim", [int(default["train"]["embedding"]["max_epochs"])]),
             "workflow test": (CONFIG, "sim5k", [8, 20, 30])}
 

@@ -15,7 +15,8 @@ from cellatlas.classify.compare import compare, corrected_ttest, holm
 from cellatlas.classify.features import GeneSelector, build_pipeline, hvg_scores
 from cellatlas.classify.models import KINDS, check_params, make_estimator
 from cellatlas.classify.splits import make_folds
-from cellatlas.classify.train import compare_models, model_pipeline, train_model
+from cellatlas.classify.train import compare_stage, model_pipeline, model_stage
+from cellatlas.runner import write_result
 
 FEATURES = {"genes": "hvg", "n_genes": 300, "scale": True, "n_pcs": 20}
 IMPORTANCE = {"n_genes": 10, "max_cells": 200, "n_repeats": 2, "candidates": 20}
@@ -222,15 +223,18 @@ def test_train_model_writes_every_output_and_is_deterministic(sim, tmp_path, kin
             names += ["per_class", "confusion"]
         ext = {"figure": "png", "predictions": "tsv.gz", "model": "joblib"}
         outputs = {n: str(out / f"{n}.{ext.get(n, 'tsv')}") for n in names}
-        summary = train_model(h5ad=str(h5ad), folds=str(tmp_path / "folds.tsv.gz"), meta=str(tmp_path / "task.json"),
-                              outputs=outputs, dataset="sim", task="t", model_name="m", model=model,
-                              features=FEATURES, importance=IMPORTANCE, seed=0)
-        results.append((summary, outputs))
+        result = model_stage(h5ad=str(h5ad), folds=str(tmp_path / "folds.tsv.gz"), meta=str(tmp_path / "task.json"),
+                             dataset="sim", task="t", model_name="m", model=model,
+                             features=FEATURES, importance=IMPORTANCE, seed=0)
+        write_result(result, outputs)  # every declared output has its entry (the runner checks it)
+        results.append((result, outputs))
     (s1, o1), (s2, o2) = results
     metrics = keys.CLASSIFICATION_METRICS if kind == keys.CLASSIFICATION else keys.REGRESSION_METRICS
-    assert s1["split"] == "grouped" and s1["n_folds"] == 3
+    assert s1.metrics["split"] == "grouped" and s1.metrics["n_folds"] == 3
+    assert set(s1.cv) == set(metrics)  # the same metric names for every model kind
     for m in metrics:
-        assert s1[f"{m}_mean"] == s2[f"{m}_mean"]
+        assert len(s1.cv[m]) == 3
+        np.testing.assert_array_equal(s1.cv[m], s2.cv[m])
     pred = pd.read_csv(o1["predictions"], sep="\t", index_col="cell")
     assert len(pred) == sim.n_obs
     assert set(pred["source"]) == {"out_of_fold", "final_model"}
@@ -254,10 +258,19 @@ def test_compare_models_writes_tables_naming_split_and_test(sim, tmp_path):
     for m, p in (("a", [0.9, 0.91, 0.92]), ("b", [0.5, 0.52, 0.51])):
         paths[m] = tmp_path / f"{m}.tsv"
         _fold_table(p).to_csv(paths[m], sep="\t", index=False)
+    records = {}
+    for m in paths:
+        records[m] = tmp_path / f"{m}.json"
+        records[m].write_text(json.dumps({"run_id": f"run-{m}", "model_uri": f"models:/m-{m}"}))
     outputs = {k: str(tmp_path / f"cmp_{k}.{'png' if k == 'figure' else 'tsv'}") for k in ("table", "pairwise", "figure")}
-    summary = compare_models(fold_paths=paths, meta=str(tmp_path / "task.json"), outputs=outputs, dataset="sim", task="t")
+    result = compare_stage(fold_paths=paths, records=records, meta=str(tmp_path / "task.json"), dataset="sim", task="t")
+    write_result(result, outputs)
     table = pd.read_csv(outputs["table"], sep="\t")
     assert list(table["model"]) == ["a", "b"] and set(table["split"]) == {"grouped"}
+    assert list(table["run_id"]) == ["run-a", "run-b"]
     assert set(table["group_key"]) == {"donor"} and table["test"].str.contains("Nadeau").all()
-    assert summary["best_model"] == "a"
+    assert result.metrics["best_model"] == "a"
+    assert result.metrics["best/cv/macro_f1"] == pytest.approx(0.91)
+    assert result.metrics["best/macro_f1_margin"] == pytest.approx(0.91 - 0.51)
+    assert result.register == {"cellatlas.sim.t": "models:/m-a"}  # the best model, under a stable name
     assert json.loads((tmp_path / "task.json").read_text())["split"] == "grouped"

@@ -12,11 +12,19 @@ SCHEMA = ROOT / "config" / "schema" / "config.schema.yaml"
 
 @pytest.fixture
 def config():
-    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
 
 
 def test_default_config_is_valid(config):
     validate(config, SCHEMA)
+
+
+def test_the_users_config_starts_empty_and_the_demo_is_apart():
+    from cellatlas.config import classify_tasks
+
+    mine = validate(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), SCHEMA)
+    assert mine["datasets"] == {} and classify_tasks(mine) == {}
+    assert "--configfile config/demo.yaml --replace-workflow-config" in (ROOT / "Makefile").read_text()
 
 
 def test_defaults_are_filled_in():
@@ -25,7 +33,10 @@ def test_defaults_are_filled_in():
     assert cfg["cluster"]["resolutions"] == [0.5, 1.0]
     assert cfg["datasets"]["d1"]["values"] == "counts" and cfg["datasets"]["d1"]["label_key"] is None
     assert cfg["tracking"]["experiment"] == "cellatlas"
-    assert cfg["classify"]["tasks"] is None and cfg["classify"]["split"]["scheme"] == "auto"
+    # a section the user's config leaves out is off for their data, not on for every dataset
+    assert cfg["classify"]["tasks"] == {} and cfg["classify"]["split"]["scheme"] == "auto"
+    assert cfg["train"]["embedding"]["datasets"] == [] and cfg["atlas"]["atlases"] == {}
+    assert cfg["run_name"] is None
     assert set(cfg["classify"]["classifiers"]) == {"logistic_regression", "linear_svm", "random_forest",
                                                   "hist_gradient_boosting", "knn", "mlp"}
     assert cfg["classify"]["classifiers"]["knn"]["input"] == "pca"
@@ -40,13 +51,13 @@ def test_schema_defaults_are_what_validation_fills_in():
     assert schema_defaults("cluster")["resolutions"] == [0.5, 1.0]
 
 
-def test_classify_tasks_default_to_every_labelled_dataset():
+def test_classify_tasks_null_means_every_labelled_dataset():
     from cellatlas.config import classify_tasks
 
     cfg = validate({"datasets": {
         "a": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}, "label_key": "bulk_labels"},
         "b": {"source": {"kind": "scanpy", "name": "krumsiek11"}},
-    }}, SCHEMA)
+    }, "classify": {"tasks": None}}, SCHEMA)
     tasks = classify_tasks(cfg)
     assert list(tasks) == [("a", "label")]
     spec = tasks[("a", "label")]
@@ -122,6 +133,9 @@ def test_lightning_settings_and_models_are_checked_before_any_job():
     with pytest.raises(ConfigError, match=r"'train.embedding.datasets': 'nope' is not a dataset"):
         validate(cfg, SCHEMA)
     cfg["train"] = {}
+    validate(cfg, SCHEMA)
+    assert embedding_datasets(cfg) == []  # no train section: no VAE
+    cfg["train"] = {"embedding": {"datasets": None}}
     validate(cfg, SCHEMA)
     assert embedding_datasets(cfg) == [d for d in cfg["datasets"] if d != "ln"]  # null: every dataset with counts
 

@@ -85,7 +85,7 @@ def scontrol(job_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def run(services, tmp_path_factory):
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     workdir = make_workdir(tmp_path_factory.mktemp("slurm-wf"), config)
     profile = slurm_test_profile(ROOT / "profiles" / "slurm" / "config.yaml", workdir / "profiles" / "slurm-test")
     tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})

@@ -4,7 +4,7 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cellatlas import tracking
+from cellatlas import invocation, tracking
 
 
 @pytest.fixture
@@ -12,7 +12,7 @@ def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT):
         monkeypatch.delenv(var, raising=False)
-    parent = tracking.start_parent(uri=uri, experiment="t", config={"a": {"b": [1, 2]}}, workdir=tmp_path)
+    parent = invocation.start_parent(uri=uri, experiment="t", config={"a": {"b": [1, 2]}}, workdir=tmp_path)
     # start_parent exported these into os.environ for the jobs; let monkeypatch undo them
     for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT):
         monkeypatch.setenv(var, os.environ[var])
@@ -36,7 +36,7 @@ def test_child_run_finished_with_record(store, tmp_path):
     assert r.data.tags["cellatlas.config_hash"] == tracking.config_hash({"a": {"b": [1, 2]}})
     assert r.data.params == {"qc.mode": "mad"} and r.data.metrics == {"cells_kept": 10.0}
     assert rec["metrics"] == {"cells_kept": 10.0} and rec["parent_run_id"] == parent
-    tracking.end_parent("FINISHED")
+    invocation.end_parent("FINISHED")
     assert client.get_run(parent).info.status == "FINISHED"
 
 
@@ -131,7 +131,7 @@ def test_a_workflow_with_an_unreachable_server_starts_no_job(tmp_path):
     from conftest import ROOT
     from workflow_utils import make_workdir, snakemake
 
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     config["tracking"]["uri"] = f"http://127.0.0.1:{_closed_port()}"
     w = make_workdir(tmp_path / "wf", config)
     r = snakemake(w, "--cores", "1")

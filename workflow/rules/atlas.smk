@@ -9,7 +9,7 @@ rule atlas_reference:
         get_atlas_reference_input,
     output:
         h5ad="results/atlas/{atlas}/reference.h5ad",
-        umap=report("results/atlas/{atlas}/reference/umap.png", category="Atlas", subcategory="{atlas}"),
+        umap=report("results/atlas/{atlas}/reference/umap.png", caption="../report/atlas_reference.rst", category="Atlas", subcategory="{atlas}"),
         run="results/atlas/{atlas}/reference/run.json",
     params:
         reference=get_atlas_field("reference"),
@@ -55,11 +55,13 @@ rule atlas_map:
         crosstab="results/atlas/{atlas}/{dataset}/{method}/crosstab.tsv",
         crosstab_png=report(
             "results/atlas/{atlas}/{dataset}/{method}/crosstab.png",
+            caption="../report/atlas_crosstab.rst",
             category="Atlas",
             subcategory="{atlas} {dataset}",
         ),
         umap=report(
-            "results/atlas/{atlas}/{dataset}/{method}/umap.png", category="Atlas", subcategory="{atlas} {dataset}"
+            "results/atlas/{atlas}/{dataset}/{method}/umap.png", category="Atlas", subcategory="{atlas} {dataset}",
+            caption="../report/atlas_umap.rst",
         ),
         run="results/atlas/{atlas}/{dataset}/{method}/run.json",
     wildcard_constraints:

@@ -35,6 +35,7 @@ rule classify_model:
         confusion="results/{dataset}/classify/{task}/models/{model}/confusion.tsv",
         figure=report(
             "results/{dataset}/classify/{task}/models/{model}/confusion.png",
+            caption="../report/confusion.rst",
             category="Classifiers",
             subcategory="{dataset} {task}",
         ),
@@ -69,6 +70,7 @@ rule regress_model:
         folds="results/{dataset}/regress/{task}/models/{model}/folds.tsv",
         figure=report(
             "results/{dataset}/regress/{task}/models/{model}/predicted.png",
+            caption="../report/predicted.rst",
             category="Regressors",
             subcategory="{dataset} {task}",
         ),
@@ -95,12 +97,14 @@ rule regress_model:
 rule classify_compare:
     input:
         folds=get_task_model_folds,
+        records=get_task_model_records,
         meta="results/{dataset}/{kind}/{task}/task.json",
     output:
         table="results/{dataset}/{kind}/{task}/comparison/models.tsv",
         pairwise="results/{dataset}/{kind}/{task}/comparison/pairwise.tsv",
         figure=report(
             "results/{dataset}/{kind}/{task}/comparison/scores.png",
+            caption="../report/scores.rst",
             category="Model comparison",
             subcategory="{dataset} {task}",
         ),

@@ -5,7 +5,8 @@ rule cluster:
         h5ad="results/{dataset}/cluster.h5ad",
         agreement="results/{dataset}/cluster/agreement.tsv",
         markers="results/{dataset}/cluster/markers.tsv",
-        umap=report("results/{dataset}/cluster/umap_leiden.png", category="Clusters", subcategory="{dataset}"),
+        umap=report("results/{dataset}/cluster/umap_leiden.png", caption="../report/leiden.rst", category="Clusters", subcategory="{dataset}"),
+        dotplot=report("results/{dataset}/cluster/markers.png", caption="../report/markers.rst", category="Clusters", subcategory="{dataset}"),
         run="results/{dataset}/cluster/run.json",
     params:
         cluster=config["cluster"],

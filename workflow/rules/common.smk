@@ -1,5 +1,6 @@
 # Helpers shared by the stage files: config access, input functions, tracking hooks.
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,6 +91,11 @@ def get_task_model_names(wildcards):
 def get_task_model_folds(wildcards):
     base = f"results/{wildcards.dataset}/{wildcards.kind}/{wildcards.task}/models"
     return [f"{base}/{m}/folds.tsv" for m in get_task_model_names(wildcards)]
+
+
+def get_task_model_records(wildcards):
+    base = f"results/{wildcards.dataset}/{wildcards.kind}/{wildcards.task}/models"
+    return [f"{base}/{m}/run.json" for m in get_task_model_names(wildcards)]
 
 
 def model_pattern(deep):
@@ -193,7 +199,7 @@ def get_vae_datasets():
 
 def get_summary_records():
     records = [f"results/{ds}/{stage}/run.json" for ds in config["datasets"] for stage in STAGE_FILES]
-    return records + [f"results/{ds}/train/vae/run.json" for ds in get_vae_datasets()]
+    return records + [f"results/{ds}/train/vae/{part}run.json" for ds in get_vae_datasets() for part in ("", "cluster/")]
 
 
 def get_comparisons():
@@ -201,6 +207,8 @@ def get_comparisons():
 
 
 def get_final_outputs():
+    if not config["datasets"]:
+        return []
     return [
         "results/summary.tsv",
         "results/models.tsv",
@@ -221,6 +229,8 @@ def get_train_gpus():
     trainer = config["train"]["trainer"]
     if trainer["accelerator"] == "cpu":
         return 0
+    if not workflow.non_local_exec and shutil.which("nvidia-smi") is None:
+        return 0  # a local run on a machine without an NVIDIA driver: the job will train on the CPU
     return requested_devices(trainer["devices"]) or 1
 
 
@@ -230,8 +240,25 @@ def get_tracking_uri():
     return config["tracking"]["uri"] or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(os.getcwd())
 
 
+def get_all_records():
+    """Every stage run record this config's results come from (the parent's runs.tsv)."""
+    records = [*get_summary_records(), "results/summary/run.json"]
+    for (ds, task), spec in get_tasks().items():
+        base = f"results/{ds}/{spec['dir']}/{task}"
+        records += [f"{base}/split/run.json", f"{base}/comparison/run.json"]
+        records += [f"{base}/models/{m}/run.json" for m in sorted(spec["models"])]
+    for atlas, spec in get_atlases().items():
+        base = f"results/atlas/{atlas}"
+        records.append(f"{base}/reference/run.json")
+        if "latent" in spec["methods"]:
+            records.append(f"{base}/reference_vae/run.json")
+        for q in spec["queries"]:
+            records += [f"{base}/{q}/{m}/run.json" for m in spec["methods"]] + [f"{base}/{q}/comparison/run.json"]
+    return records
+
+
 def start_tracking():
-    from cellatlas.tracking import start_parent
+    from cellatlas.invocation import start_parent
 
     # an unreachable server must fail a job in seconds, not after MLflow's ~4 minutes of retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -260,6 +287,6 @@ def start_tracking():
 
 
 def end_tracking(status):
-    from cellatlas.tracking import end_parent
+    from cellatlas.invocation import end_parent
 
-    end_parent(status)
+    end_parent(status, records=get_all_records() if status == "FINISHED" else ())

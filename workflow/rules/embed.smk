@@ -4,10 +4,11 @@ rule embed:
     output:
         h5ad="results/{dataset}/embed.h5ad",
         pca=report(
-            "results/{dataset}/embed/pca_variance.png", category="Embeddings", subcategory="{dataset}"
+            "results/{dataset}/embed/pca_variance.png", category="Embeddings", subcategory="{dataset}",
+            caption="../report/pca_variance.rst",
         ),
-        umap=report("results/{dataset}/embed/umap.png", category="Embeddings", subcategory="{dataset}"),
-        tsne=report("results/{dataset}/embed/tsne.png", category="Embeddings", subcategory="{dataset}"),
+        umap=report("results/{dataset}/embed/umap.png", caption="../report/umap.rst", category="Embeddings", subcategory="{dataset}"),
+        tsne=report("results/{dataset}/embed/tsne.png", caption="../report/tsne.rst", category="Embeddings", subcategory="{dataset}"),
         run="results/{dataset}/embed/run.json",
     params:
         embed=config["embed"],

@@ -5,7 +5,8 @@ rule normalize:
         h5ad="results/{dataset}/normalize.h5ad",
         hvg="results/{dataset}/normalize/hvg.tsv",
         figure=report(
-            "results/{dataset}/normalize/hvg.png", category="Normalization", subcategory="{dataset}"
+            "results/{dataset}/normalize/hvg.png", category="Normalization", subcategory="{dataset}",
+            caption="../report/hvg.rst",
         ),
         run="results/{dataset}/normalize/run.json",
     params:

@@ -6,9 +6,10 @@ rule qc:
         thresholds="results/{dataset}/qc/thresholds.tsv",
         cells="results/{dataset}/qc/cells.tsv.gz",
         histograms=report(
-            "results/{dataset}/qc/histograms.png", category="QC", subcategory="{dataset}"
+            "results/{dataset}/qc/histograms.png", category="QC", subcategory="{dataset}",
+            caption="../report/qc_histograms.rst",
         ),
-        scatter=report("results/{dataset}/qc/scatter.png", category="QC", subcategory="{dataset}"),
+        scatter=report("results/{dataset}/qc/scatter.png", caption="../report/qc_scatter.rst", category="QC", subcategory="{dataset}"),
         run="results/{dataset}/qc/run.json",
     params:
         qc=config["qc"],

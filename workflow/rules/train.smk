@@ -16,6 +16,7 @@ rule train_mlp:
         confusion="results/{dataset}/classify/{task}/models/{model}/confusion.tsv",
         figure=report(
             "results/{dataset}/classify/{task}/models/{model}/confusion.png",
+            caption="../report/confusion.rst",
             category="Classifiers",
             subcategory="{dataset} {task}",
         ),
@@ -47,20 +48,21 @@ rule train_mlp:
 
 rule train_vae:
     input:
-        "results/{dataset}/cluster.h5ad",
+        "results/{dataset}/normalize.h5ad",
     output:
-        h5ad="results/{dataset}/train/vae/embedding.h5ad",
-        clusters="results/{dataset}/train/vae/clusters.tsv",
+        latent="results/{dataset}/train/vae/latent.h5ad",
         history="results/{dataset}/train/vae/history.tsv",
-        curves=report("results/{dataset}/train/vae/curves.png", category="Training", subcategory="{dataset}"),
-        umap=report("results/{dataset}/train/vae/umap.png", category="Training", subcategory="{dataset}"),
+        curves=report(
+            "results/{dataset}/train/vae/curves.png",
+            caption="../report/vae_curves.rst",
+            category="Training",
+            subcategory="{dataset}",
+        ),
         checkpoint="results/{dataset}/train/vae/model.ckpt",
         run="results/{dataset}/train/vae/run.json",
     params:
         model=config["train"]["embedding"],
         trainer=config["train"]["trainer"],
-        embed=config["embed"],
-        cluster=config["cluster"],
         seed=config["seed"],
     threads: 4
     resources:
@@ -73,3 +75,32 @@ rule train_vae:
         LEARN_ENV
     script:
         "../scripts/train_vae.py"
+
+
+# Clustering the latent space is its own cheap job: a Leiden resolution change never retrains.
+rule cluster_vae:
+    input:
+        latent="results/{dataset}/train/vae/latent.h5ad",
+        clustered="results/{dataset}/cluster.h5ad",
+    output:
+        h5ad="results/{dataset}/train/vae/embedding.h5ad",
+        clusters="results/{dataset}/train/vae/clusters.tsv",
+        umap=report(
+            "results/{dataset}/train/vae/umap.png",
+            caption="../report/vae_umap.rst",
+            category="Training",
+            subcategory="{dataset}",
+        ),
+        run="results/{dataset}/train/vae/cluster/run.json",
+    params:
+        embed={k: config["embed"][k] for k in ("n_neighbors", "umap_min_dist")},
+        cluster=config["cluster"],
+        seed=config["seed"],
+    log:
+        "results/{dataset}/logs/cluster_vae.log",
+    benchmark:
+        "results/{dataset}/benchmarks/cluster_vae.tsv"
+    conda:
+        LEARN_ENV
+    script:
+        "../scripts/cluster_vae.py"

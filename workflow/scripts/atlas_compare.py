@@ -3,17 +3,14 @@
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
-    from cellatlas.atlas import compare_job
-    from cellatlas.tracking import log_to_parent
+def compute(smk, live):
+    from cellatlas.atlas.stages import compare_stage
 
     wc = smk.wildcards
     records = {k[len("record_"):]: v for k, v in smk.input.items() if k.startswith("record_")}
     labels = {k[len("labels_"):]: v for k, v in smk.input.items() if k.startswith("labels_")}
-    compare_job(records=records, labels=labels, outputs=smk.output, atlas=wc.atlas, reference=smk.params.reference,
-                query=wc.dataset, run=run)
-    log_to_parent(smk.output.table, f"atlas/{wc.atlas}/{wc.dataset}")
+    return compare_stage(records=records, labels=labels, atlas=wc.atlas, reference=smk.params.reference,
+                         query=wc.dataset)
 
 
-wc = snakemake.wildcards  # noqa: F821
-run_stage(snakemake, "atlas_compare", body, name=f"atlas_compare:{wc.atlas}/{wc.dataset}")  # noqa: F821
+run_stage(snakemake, "atlas", compute, step="compare", part="comparison")  # noqa: F821

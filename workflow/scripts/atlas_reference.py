@@ -3,11 +3,11 @@
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
-    from cellatlas.atlas import reference_job
+def compute(smk, live):
+    from cellatlas.atlas.stages import reference_stage
 
-    reference_job(embed=smk.input[0], outputs=smk.output, atlas=smk.wildcards.atlas, reference=smk.params.reference,
-                  label_key=smk.params.label_key, seed=smk.params.seed, run=run)
+    return reference_stage(embed=smk.input[0], atlas=smk.wildcards.atlas, reference=smk.params.reference,
+                           label_key=smk.params.label_key, seed=smk.params.seed)
 
 
-run_stage(snakemake, "atlas_reference", body, name=f"atlas_reference:{snakemake.wildcards.atlas}")  # noqa: F821
+run_stage(snakemake, "atlas", compute, step="reference", part="reference")  # noqa: F821

@@ -3,11 +3,11 @@
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
-    from cellatlas.atlas import reference_vae_job
+def compute(smk, live):
+    from cellatlas.atlas.stages import reference_vae_stage
 
-    reference_vae_job(reference_map=smk.input.reference, vae=smk.input.vae, output=smk.output.h5ad,
-                      atlas=smk.wildcards.atlas, reference=smk.params.reference, seed=smk.params.seed, run=run)
+    return reference_vae_stage(reference_map=smk.input.reference, vae=smk.input.vae, atlas=smk.wildcards.atlas,
+                               reference=smk.params.reference, seed=smk.params.seed)
 
 
-run_stage(snakemake, "atlas_reference_vae", body, name=f"atlas_reference_vae:{snakemake.wildcards.atlas}")  # noqa: F821
+run_stage(snakemake, "atlas", compute, step="reference_vae", part="reference/vae")  # noqa: F821

@@ -3,14 +3,14 @@
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
-    from cellatlas.classify.train import compare_models
+def compute(smk, live):
+    from cellatlas.classify.train import compare_stage
 
-    compare_models(
-        fold_paths=dict(zip(smk.params.models, smk.input.folds)), meta=smk.input.meta,
-        outputs=dict(smk.output.items()), dataset=smk.wildcards.dataset, task=smk.wildcards.task,
-        test=smk.params.comparison["test"], alpha=smk.params.comparison["alpha"], run=run,
+    return compare_stage(
+        fold_paths=dict(zip(smk.params.models, smk.input.folds)),
+        records=dict(zip(smk.params.models, smk.input.records)), meta=smk.input.meta, dataset=smk.wildcards.dataset,
+        task=smk.wildcards.task, test=smk.params.comparison["test"], alpha=smk.params.comparison["alpha"],
     )
 
 
-run_stage(snakemake, "classify_compare", body)  # noqa: F821
+run_stage(snakemake, snakemake.wildcards.kind, compute, step="compare", part="comparison")  # noqa: F821

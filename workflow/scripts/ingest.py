@@ -3,19 +3,10 @@
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
-    from cellatlas.ingest import canonicalize, read_source, subset
+def compute(smk, live):
+    from cellatlas.chain import ingest_stage
 
-    name, ds = smk.wildcards.dataset, smk.params.dataset
-    path = smk.input.get("source")
-    adata = read_source(name, ds["source"], path=path)
-    adata = canonicalize(
-        adata, name, matrix=ds["matrix"], values=ds["values"],
-        label_key=ds["label_key"], batch_key=ds["batch_key"], donor_key=ds["donor_key"], path=path,
-    )
-    adata = subset(adata, name, **ds.get("subset", {}))
-    adata.write_h5ad(smk.output.h5ad)
-    run.log_metrics({"n_cells": adata.n_obs, "n_genes": adata.n_vars, "nnz": adata.X.nnz, "values": ds["values"]})
+    return ingest_stage(smk.wildcards.dataset, smk.params.dataset, path=smk.input.get("source"), output=smk.output.h5ad)
 
 
-run_stage(snakemake, "ingest", body)  # noqa: F821
+run_stage(snakemake, "ingest", compute, step="ingest")  # noqa: F821

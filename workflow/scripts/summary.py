@@ -3,19 +3,14 @@
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
-    from cellatlas.report import summarize, summarize_atlases, summarize_models
-    from cellatlas.tracking import log_to_parent
+def compute(smk, live):
+    import os
 
-    table = summarize(smk.input.records)
-    table.to_csv(smk.output.table, sep="\t", index=False)
-    models = summarize_models(smk.input.comparisons)
-    models.to_csv(smk.output.models, sep="\t", index=False)
-    atlases = summarize_atlases(smk.input.atlases)
-    atlases.to_csv(smk.output.atlases, sep="\t", index=False)
-    for path in (smk.output.table, smk.output.models, smk.output.atlases):
-        run.log_artifact(path)
-        log_to_parent(path)
+    from cellatlas.report import summary_stage
+    from cellatlas.tracking import ENV_CONFIG_HASH
+
+    return summary_stage(records=smk.input.records, comparisons=smk.input.comparisons, atlases=smk.input.atlases,
+                         config_hash=os.environ.get(ENV_CONFIG_HASH, "unknown"))
 
 
-run_stage(snakemake, "summary", body)  # noqa: F821
+run_stage(snakemake, "summary", compute, step="summary")  # noqa: F821

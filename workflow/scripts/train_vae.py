@@ -1,22 +1,19 @@
-"""Rule train_vae: a negative-binomial VAE on the dataset's counts (epochs live in MLflow), its
-latent space clustered and mapped with UMAP, and its clusters compared with the PCA ones."""
+"""Rule train_vae: a negative-binomial VAE on the dataset's counts (its curves live in MLflow);
+every cell encoded into its latent space."""
 
 from cellatlas.runner import run_stage
 
 
-def body(smk, run):
+def compute(smk, live):
     import torch
 
-    from cellatlas.deep.embedding import embedding_job
+    from cellatlas.deep.embedding import train_stage
 
     torch.set_num_threads(smk.threads)
-    embedding_job(
-        h5ad=smk.input[0], outputs=dict(smk.output.items()), dataset=smk.wildcards.dataset,
-        model=smk.params.model, trainer=smk.params.trainer, embed=smk.params.embed, cluster=smk.params.cluster,
-        seed=smk.params.seed, run=run,
-    )
+    return train_stage(h5ad=smk.input[0], dataset=smk.wildcards.dataset, model=smk.params.model,
+                       trainer=smk.params.trainer, seed=smk.params.seed, tracking=live.tracking, workspace=live.workspace)
 
 
 # guarded: data-parallel training spawns workers that import this file again
 if __name__ == "__main__":
-    run_stage(snakemake, "train", body, part="vae")  # noqa: F821
+    run_stage(snakemake, "train", compute, step="vae", part="vae")  # noqa: F821

@@ -261,3 +261,38 @@ def crosstab(table: pd.DataFrame, path: str, *, title: str = "") -> None:
     fig.colorbar(im, ax=ax, label="share of the query label", shrink=0.8)
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def marker_dotplot(adata, markers: pd.DataFrame, path: str, *, resolution: float, n_per_cluster: int = 3,
+                   title: str = "") -> None:
+    """Dot plot of each cluster's top marker genes: dot size the share of the cluster's cells that
+    express the gene, colour its mean log-expression scaled to the gene's maximum over clusters."""
+    import scipy.sparse as sp
+
+    from cellatlas.keys import leiden_key
+
+    clusters = legend_order(adata.obs[leiden_key(resolution)])
+    top = markers[markers["rank"] <= n_per_cluster] if len(markers) else markers
+    order = top.assign(number=pd.to_numeric(top["cluster"], errors="coerce")).sort_values(["number", "cluster", "rank"])
+    genes = list(dict.fromkeys(order["gene"].astype(str)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(genes) + 2), max(2.5, 0.3 * len(clusters.categories) + 1.5)))
+    if genes:
+        X = adata[:, genes].X
+        X = X.toarray() if sp.issparse(X) else np.asarray(X)
+        codes = clusters.codes
+        mean = np.vstack([X[codes == i].mean(axis=0) for i in range(len(clusters.categories))])
+        share = np.vstack([(X[codes == i] > 0).mean(axis=0) for i in range(len(clusters.categories))])
+        scaled = mean / np.maximum(mean.max(axis=0, keepdims=True), 1e-12)
+        yy, xx = np.meshgrid(np.arange(len(clusters.categories)), np.arange(len(genes)), indexing="ij")
+        dots = ax.scatter(xx.ravel(), yy.ravel(), s=share.ravel() * 120, c=scaled.ravel(), cmap="Reds", vmin=0, vmax=1,
+                          edgecolors="grey", linewidths=0.3)
+        fig.colorbar(dots, ax=ax, shrink=0.6, label="mean expression (of gene's max)")
+        ax.set_xticks(range(len(genes)), genes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(clusters.categories)), [str(c) for c in clusters.categories], fontsize=7)
+        ax.set_ylabel("Leiden cluster")
+        ax.invert_yaxis()
+    else:
+        ax.text(0.5, 0.5, "one cluster: no markers", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellatlas.stage import Result
+
 #: columns of the summary, in order: (stage, metric) -> column
 COLUMNS = {
     ("ingest", "n_cells"): "cells_in",
@@ -43,7 +45,8 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
             for m, v in metrics.items():
                 if m.startswith(("n_clusters_r", "ari_r", "nmi_r")):
                     row[prefix + m] = v
-        row[f"run_{stage}" + ("_vae" if stage == "train" else "")] = rec["run_id"]
+        suffix = {"vae": "_vae", "cluster": "_vae_cluster"}.get(rec.get("step", ""), "") if stage == "train" else ""
+        row[f"run_{stage}{suffix}"] = rec["run_id"]
     table = pd.DataFrame(list(rows.values()))
     first = ["dataset"] + [c for c in COLUMNS.values() if c in table]
     rest = sorted(c for c in table.columns if c not in first and not c.startswith("run_"))
@@ -72,3 +75,50 @@ def summarize_models(tables: Iterable[str | Path]) -> pd.DataFrame:
 def summarize_atlases(tables: Iterable[str | Path]) -> pd.DataFrame:
     """Every atlas x query x method in one table (scores, unassigned shares, run ids)."""
     return _stack(tables, first=["atlas", "reference", "query", "method"], by=["atlas", "query", "method"])
+
+
+def rounded(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """Floats rounded for reading (the run records and MLflow keep every digit)."""
+    return table.round({c: digits for c in table.columns if table[c].dtype.kind == "f"})
+
+
+def summary_stage(*, records: Iterable[str | Path], comparisons: Iterable[str | Path],
+                  atlases: Iterable[str | Path], config_hash: str) -> Result:
+    """The summary rule: one table across datasets, one across every task's models, one across atlases,
+    each naming its run ids and the config hash."""
+    tables = {"table": summarize(records), "models": summarize_models(comparisons), "atlases": summarize_atlases(atlases)}
+    tables = {k: rounded(t.assign(config_hash=config_hash)) for k, t in tables.items()}
+    texts = {f"{k}_html": html_page(t, title=TITLES[k]) for k, t in tables.items()}
+    texts["versions"] = html_page(versions(), title="Software versions")
+    return Result(tables=tables, texts=texts)
+
+
+TITLES = {"table": "Datasets", "models": "Models of every task", "atlases": "Atlas mappings"}
+#: the packages whose versions the report lists (pyproject.toml pins them)
+PACKAGES = ("anndata", "scanpy", "scikit-learn", "numpy", "scipy", "pandas", "torch", "lightning", "mlflow",
+            "snakemake", "leidenalg", "igraph", "umap-learn", "openTSNE", "pynndescent", "matplotlib")
+
+
+def versions() -> pd.DataFrame:
+    """Python and the direct dependencies as installed (what computed the results)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for name in PACKAGES:
+        try:
+            rows.append({"package": name, "version": version(name)})
+        except PackageNotFoundError:
+            rows.append({"package": name, "version": "not installed"})
+    return pd.DataFrame(rows)
+
+
+def html_page(table: pd.DataFrame, *, title: str) -> str:
+    """A table as a small self-contained HTML page (the report shows HTML inline; a TSV only downloads)."""
+    import html
+
+    style = ("body{font-family:sans-serif;font-size:12px} table{border-collapse:collapse} "
+             "th,td{border:1px solid #ccc;padding:2px 6px;text-align:right} th{background:#eee}")
+    body = table.to_html(index=False, na_rep="", border=0)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h3>{html.escape(title)}</h3>{body}</body></html>\n")

@@ -1,18 +1,45 @@
-"""The common frame of every rule's script: log file, MLflow child run, one-line errors.
+"""The one runner of every rule's script: log file, MLflow child run, outputs, one-line errors.
 
-A script is then three lines: import, define ``body(smk, run)``, call :func:`run_stage`.
+A script is then a few lines: import, define ``compute(smk, live)`` that calls the stage's
+library entry and returns its :class:`~cellatlas.stage.Result`, call :func:`run_stage`. The
+runner writes every entry of the result to the rule's output of the same name and logs it:
+naming is decided here and in :mod:`cellatlas.naming`, nowhere else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cellatlas.errors import CellAtlasError
+
+log = logging.getLogger("cellatlas")
+
+#: third-party messages that say nothing about the user's results, silenced where they arise
+_NOISE = (
+    r".*Tip: For seamless cloud uploads.*",  # Lightning's advert, once per fit
+    r".*litlogger.*",
+    r".*Saving a model.*pickle.*",  # MLflow on every cloudpickled model: the README says why once
+    r".*`torch.cuda.amp.*",
+    r".*does not have many workers.*",  # the data path batches in bulk; workers would only copy
+)
+
+
+def _silence_noise() -> None:
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage()
+                                          and "Tip:" not in record.getMessage())
 
 
 def _setup_logging(log_path: str):
@@ -24,6 +51,7 @@ def _setup_logging(log_path: str):
     )
     logging.captureWarnings(True)
     warnings.simplefilter("default")
+    _silence_noise()
     return terminal, stream
 
 
@@ -40,10 +68,79 @@ def params_of(smk) -> dict[str, Any]:
     return {k: _to_builtin(v) for k, v in smk.params.items()}
 
 
-def run_stage(smk, stage: str, body: Callable[[Any, Any], None], *, part: str | None = None,
-              name: str | None = None) -> None:
-    """Run ``body(smk, run)`` inside the stage's MLflow child run.
+@dataclass
+class Live:
+    """What a stage may use while it computes: the run its training curves stream into, and a
+    scratch folder for files a library must write itself (moved into place by the runner)."""
 
+    tracking: dict[str, str] | None
+    workspace: Path
+
+
+def write_result(result, outputs: dict[str, str]) -> None:
+    """Write every entry of ``result`` to the output of the same name."""
+    import joblib
+
+    for key, table in result.tables.items():
+        table.to_csv(outputs[key], sep="\t", index=False)
+    for key, record in result.records.items():
+        Path(outputs[key]).write_text(json.dumps(record, indent=2) + "\n")
+    for key, text in result.texts.items():
+        Path(outputs[key]).write_text(text)
+    for key, draw in result.figures.items():
+        draw(outputs[key])
+    for key, adata in result.data.items():
+        adata.write_h5ad(outputs[key])
+    for key, path in result.files.items():
+        shutil.move(str(path), outputs[key])
+    for key, model in result.models.items():
+        if key in outputs:
+            joblib.dump(model.obj, outputs[key])
+
+
+def log_result(run, result, outputs: dict[str, str], *, model_name: str) -> None:
+    """Log what the result holds to the stage's run, in the naming scheme of :mod:`cellatlas.naming`."""
+    import numpy as np
+
+    from cellatlas import naming
+
+    if result.params:
+        run.log_params(result.params)
+    run.log_metrics(result.metrics)
+    if result.cv:
+        summary = {}
+        for metric, values in result.cv.items():
+            v = np.asarray(values, dtype=float)
+            summary[naming.cv_mean(metric)] = float(np.mean(v))
+            summary[naming.cv_sd(metric)] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        run.log_metrics(summary)
+        for k in range(max(len(v) for v in result.cv.values())):
+            run.log_metrics({naming.fold(m): v[k] for m, v in result.cv.items() if k < len(v)}, step=k)
+    for item in result.inputs:
+        run.log_dataset(item.name, item.path, context=item.context)
+    logged = set(result.data) | set(result.models) | result.not_logged
+    for key in outputs:
+        if key != "run" and key not in logged:
+            run.log_artifact(outputs[key])
+    for key, model in result.models.items():
+        run.log_model(model, name=model_name)
+    for name, uri in result.register.items():
+        run.register_model(name, uri, alias=naming.BEST_ALIAS)
+
+
+def _job_name(smk, stage: str, part: str | None) -> tuple[str, dict[str, str], str | None]:
+    """``<stage>:<wildcards in path order>[/<part>]`` (classify:sim/cell_type/knn), tags, dataset."""
+    wildcards = {k: str(v) for k, v in smk.wildcards.items() if k != "kind"}  # classify/regress is the stage
+    parts = [*wildcards.values(), *([part] if part else [])]
+    name = f"{stage}:" + "/".join(parts) if parts else stage
+    tags = {f"cellatlas.{k}": v for k, v in wildcards.items() if k != "dataset"}
+    return name, tags, wildcards.get("dataset")
+
+
+def run_stage(smk, stage: str, compute: Callable[[Any, Live], Any], *, step: str, part: str | None = None) -> None:
+    """Run ``compute(smk, live)`` inside the stage's MLflow child run, then write and log its result.
+
+    ``stage`` is the results/ folder the job writes (its tag), ``step`` what it does there.
     A :class:`CellAtlasError` becomes one line on the terminal (and in the log) and exit
     status 1, after which Snakemake removes the job's outputs; anything else keeps its
     traceback in the log. Either way the MLflow run is closed as failed.
@@ -52,21 +149,30 @@ def run_stage(smk, stage: str, body: Callable[[Any, Any], None], *, part: str | 
     from cellatlas._numba import enable_cache
 
     enable_cache(os.path.join(os.getcwd(), ".snakemake", "numba-cache"))
+    from cellatlas import naming
+    from cellatlas.stage import check_outputs
     from cellatlas.tracking import stage_run
 
-    wildcards = dict(smk.wildcards.items())
-    dataset = wildcards.pop("dataset", None)
-    # further wildcards (task, model) name the run and tag it: classify:sim/label/knn
-    parts = [dataset or "", *wildcards.values(), *([part] if part else [])]
-    name = name or (f"{stage}:" + "/".join(parts).strip("/") if dataset else stage)
-    # "cellatlas.kind" already says pipeline or stage; the classify/regress wildcard gets its own name
-    tags = {f"cellatlas.{'task_dir' if k == 'kind' else k}": str(v) for k, v in wildcards.items()}
-    logging.getLogger("cellatlas").info("stage %s, dataset %s, %s, threads %s", stage, dataset, wildcards, smk.threads)
+    name, tags, dataset = _job_name(smk, stage, part)
+    tags[naming.TAG_STEP] = step
+    outputs = dict(smk.output.items())
+    log.info("%s, threads %s", name, smk.threads)
+    workspace = Path(tempfile.mkdtemp(prefix="cellatlas-job-"))
     try:
         with stage_run(stage, dataset, params=params_of(smk), record=smk.output.run, name=name, tags=tags) as run:
-            body(smk, run)
+            live = Live({"uri": run.uri, "run_id": run.run_id} if run.uri else None, workspace)
+            result = compute(smk, live)
+            check_outputs(result, outputs, where=name)
+            write_result(result, outputs)
+            log_result(run, result, outputs, model_name=naming.logged_model(*name.partition(":")[2].split("/")))
+            for note in result.notes:  # the library logged it; the terminal must see it too
+                print(f"cellatlas note ({name}): {note}", file=terminal)
+            if result.notes:
+                run.set_tag(naming.TAG_NOTES, " | ".join(result.notes))
     except CellAtlasError as e:
         msg = f"cellatlas error in stage {stage}: {e}"
         print(msg, file=stream)
         print(msg, file=terminal)
         sys.exit(1)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)

@@ -1,7 +1,8 @@
-"""MLflow tracking: one parent run per ``snakemake`` invocation, one child run per stage job.
+"""MLflow tracking: one child run per stage job, under its invocation's parent run.
 
-The parent is created by the Snakefile's ``onstart`` hook and its id handed to every job
-through the environment (jobs are separate processes, locally and under SLURM). Each job
+The parent is created by the Snakefile's ``onstart`` hook (:mod:`cellatlas.invocation`) and its
+id handed to every job through the environment (jobs are separate processes, locally and under
+SLURM). Each job
 opens its own child run with :func:`stage_run`, which never leaves a run RUNNING: an
 exception or a termination signal marks it FAILED/KILLED with the traceback as an artifact,
 then the error goes on. Results are files first; each child writes a JSON record with its run
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cellatlas.errors import TrackingError
+from cellatlas.naming import TAG_DATASET, TAG_KIND, TAG_MODEL_URI, TAG_STAGE, TAG_STATUS
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,6 @@ ENV_GIT_COMMIT = "CELLATLAS_GIT_COMMIT"
 ENV_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "cellatlas"
 
-TAG_STAGE = "cellatlas.stage"
-TAG_DATASET = "cellatlas.dataset"
-TAG_STATUS = "cellatlas.status"
 MAX_PARAM_LEN = 500
 
 
@@ -180,43 +179,6 @@ def common_tags() -> dict[str, str]:
     return tags
 
 
-def start_parent(
-    *, uri: str, experiment: str, config: Mapping[str, Any], workdir: str | Path, run_name: str | None = None
-) -> str:
-    """Create the invocation's parent run and export what jobs need to hang under it."""
-    check_server(uri)
-    chash = config_hash(config)
-    os.environ.update(
-        {ENV_URI: uri, ENV_EXPERIMENT: experiment, ENV_CONFIG_HASH: chash, ENV_GIT_COMMIT: git_commit(workdir)}
-    )
-    client = _client(uri)
-    exp_id = _experiment_id(client, experiment, uri)
-    tags = {**common_tags(), "cellatlas.kind": "pipeline", TAG_STATUS: "running"}
-    run = client.create_run(exp_id, run_name=run_name or f"pipeline-{chash}", tags=tags)
-    for key, value in flatten(config).items():
-        client.log_param(run.info.run_id, key, value)
-    client.log_dict(run.info.run_id, dict(config), "config.json")
-    os.environ[ENV_PARENT] = run.info.run_id
-    return run.info.run_id
-
-
-def end_parent(status: str = "FINISHED") -> None:
-    """End the parent run started by :func:`start_parent` in this process (no-op if none)."""
-    run_id = os.environ.get(ENV_PARENT)
-    if not run_id:
-        return
-    client = _client(os.environ[ENV_URI])
-    client.set_tag(run_id, TAG_STATUS, status.lower())
-    client.set_terminated(run_id, status=status)
-
-
-def log_to_parent(path: str | Path, artifact_path: str | None = None) -> None:
-    """Attach a file to the invocation's parent run (the cross-dataset comparison belongs there)."""
-    parent = os.environ.get(ENV_PARENT)
-    if parent and os.environ.get(ENV_URI):
-        _client(os.environ[ENV_URI]).log_artifact(parent, str(path), artifact_path)
-
-
 class StageRun:
     """Handle on a stage's child run: logs to MLflow and keeps what it logged for the record."""
 
@@ -228,6 +190,8 @@ class StageRun:
         self.metrics: dict[str, float] = {}
         self.params: dict[str, str] = {}
         self.artifacts: list[str] = []
+        self.inputs: list[dict[str, str]] = []
+        self.model_uri = ""
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = flatten(params)
@@ -262,21 +226,50 @@ class StageRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
         self.artifacts.append(Path(path).name)
 
-    def log_sklearn_model(self, model, *, input_example, output_example, code_paths=(), name: str = "model",
-                          requirements: tuple[str, ...] = ()) -> str:
-        """Log a fitted scikit-learn model as an MLflow model of this run (signature + input example).
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
-        Requirements are the installed pins (no slow inference), and ``code_paths`` ships our own
-        transformers so the model loads where this package is not installed. The format is
-        cloudpickle: MLflow's skops default refuses every type it does not know (our transformers,
-        even scikit-learn's own trees) unless each is listed as trusted, which would trust them all
-        anyway. Load models only from stores you trust. Returns the model URI.
+    def log_dataset(self, name: str, path: str | Path, *, context: str = "input") -> None:
+        """Log a file the stage read as an MLflow dataset input (name, digest, source)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        from cellatlas.datasets import as_mlflow_dataset
+
+        dataset = as_mlflow_dataset(name, path)
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)])])
+        self.inputs.append({"name": name, "digest": dataset.digest, "path": str(path)})
+
+    def register_model(self, name: str, model_uri: str, *, alias: str) -> str:
+        """A new version of registered model ``name`` for ``model_uri``, given ``alias``; returns the version.
+
+        Versions are never deleted: the alias moves to the newest best, older bests stay loadable
+        by version number.
+        """
+        import mlflow
+
+        if self.uri:
+            mlflow.set_tracking_uri(self.uri)
+        version = mlflow.register_model(model_uri, name, tags={"cellatlas.run_id": self.run_id}).version
+        self.client.set_registered_model_alias(name, alias, version)
+        self.set_tag("cellatlas.registered_model", f"models:/{name}@{alias} (version {version})")
+        return str(version)
+
+    def log_model(self, model, *, name: str) -> str:
+        """Log a :class:`cellatlas.stage.Model` as an MLflow model of this run; returns its URI.
+
+        The format is cloudpickle, with this package's code attached, so a model loads where the
+        package is not installed. MLflow's skops default for scikit-learn refuses every type it does
+        not know (our transformers, even scikit-learn's own trees) unless each is listed as trusted,
+        which would trust them all anyway; a torch module returns a dict and takes optional batch
+        codes, which MLflow 3's traced default cannot hold. Load models only from stores you trust.
+        Requirements are the installed pins (no slow inference).
         """
         from importlib.metadata import version
 
         import mlflow
-        import mlflow.sklearn
-        from mlflow.models import infer_signature
+
+        import cellatlas
 
         if self.uri:
             mlflow.set_tracking_uri(self.uri)
@@ -284,42 +277,28 @@ class StageRun:
             # a logged model belongs to the active experiment: without this it lands in
             # "Default", whose artifacts go to ./mlruns of the working directory
             mlflow.set_experiment(experiment_id=self.experiment_id)
+        code = [str(Path(cellatlas.__file__).parent)]
+        if model.flavor == "torch":
+            import mlflow.pytorch
+
+            packages = ("torch", "lightning", "numpy", "cloudpickle", *model.requirements)
+            kwargs = {"serialization_format": mlflow.pytorch.SERIALIZATION_FORMAT_PICKLE}
+            flavor = mlflow.pytorch
+        else:
+            import mlflow.sklearn
+            from mlflow.models import infer_signature
+
+            packages = ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle", *model.requirements)
+            example = model.input_example
+            kwargs = {"serialization_format": mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+                      "input_example": example, "signature": infer_signature(example, model.obj.predict(example))}
+            flavor = mlflow.sklearn
         # a local build tag (torch's "+cpu") is not on the package index; the release is
-        pins = [f"{p}=={version(p).split('+')[0]}"
-                for p in ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle", *requirements)]
-        info = mlflow.sklearn.log_model(
-            model,
-            name=name,
-            run_id=self.run_id,
-            signature=infer_signature(input_example, output_example),
-            input_example=input_example,
-            code_paths=[str(p) for p in code_paths],
-            pip_requirements=pins,
-            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
-        )
-        self.artifacts.append(name)
-        return info.model_uri
-
-
-    def log_torch_model(self, module, *, name: str = "model") -> str:
-        """Log a torch ``nn.Module`` as an MLflow model of this run (pickled with this package's code)."""
-        from importlib.metadata import version
-        from pathlib import Path as _Path
-
-        import mlflow
-        import mlflow.pytorch
-
-        import cellatlas
-
-        if self.uri:
-            mlflow.set_tracking_uri(self.uri)
-        if self.experiment_id:
-            mlflow.set_experiment(experiment_id=self.experiment_id)
-        pins = [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "lightning", "numpy", "cloudpickle")]
-        # pickle, not MLflow 3's traced pt2 default: the VAE returns a dict and takes optional batches
-        info = mlflow.pytorch.log_model(module, name=name, run_id=self.run_id, pip_requirements=pins,
-                                        code_paths=[str(_Path(cellatlas.__file__).parent)],
-                                        serialization_format=mlflow.pytorch.SERIALIZATION_FORMAT_PICKLE)
+        pins = [f"{p}=={version(p).split('+')[0]}" for p in dict.fromkeys(packages)]
+        info = flavor.log_model(model.obj, name=name, run_id=self.run_id, pip_requirements=pins, code_paths=code,
+                                **kwargs)
+        self.model_uri = info.model_uri
+        self.set_tag(TAG_MODEL_URI, info.model_uri)
         self.artifacts.append(name)
         return info.model_uri
 
@@ -347,7 +326,7 @@ def stage_run(
     check_server(uri)
     client = _client(uri)
     exp_id = _experiment_id(client, experiment, uri)
-    run_tags = {**common_tags(), **(tags or {}), TAG_STAGE: stage, TAG_STATUS: "running", "cellatlas.kind": "stage"}
+    run_tags = {**common_tags(), **(tags or {}), TAG_STAGE: stage, TAG_STATUS: "running", TAG_KIND: "stage"}
     if dataset:
         run_tags[TAG_DATASET] = dataset
     if parent:
@@ -385,6 +364,11 @@ def stage_run(
             "metrics": handle.metrics,
             "params": handle.params,
             "artifacts": handle.artifacts,
+            "inputs": handle.inputs,
+            "model_uri": handle.model_uri,
+            "run_name": run_name,
+            "step": run_tags.get("cellatlas.step", ""),
+            "config_hash": os.environ.get(ENV_CONFIG_HASH, "unknown"),
         }
         Path(record).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     finally:

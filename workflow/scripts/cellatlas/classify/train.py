@@ -1,4 +1,4 @@
-"""What a model job and a comparison job do, from files to files (the rules' scripts call these)."""
+"""The classify stage's entries: a task's split, one model's evaluation, the models' comparison."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellatlas import keys, plotting
+from cellatlas import keys, naming, plotting
 from cellatlas.classify import evaluate as ev
 from cellatlas.classify.compare import compare
 from cellatlas.classify.features import build_pipeline
 from cellatlas.classify.models import get_kind, make_estimator
 from cellatlas.classify.splits import Folds
 from cellatlas.errors import CellAtlasError, TaskError
+from cellatlas.stage import DatasetInput, Model, Result, plot
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,31 @@ def read_matrix(h5ad: str):
     return X, obs_names, var_names
 
 
-def train_model(
+def split_stage(h5ad: str, *, dataset: str, task: str, spec: Mapping[str, Any], seed: int = 0) -> Result:
+    """The classify_split rule: check the task's target and fix its folds, shared by every model."""
+    import anndata as ad
+
+    from cellatlas.classify.splits import make_folds
+
+    obs = ad.read_h5ad(h5ad, backed="r").obs  # obs only: the matrix is not needed here
+    split = spec["split"]
+    folds = make_folds(
+        obs, dataset=dataset, task=task, target=spec["target"], kind=spec["kind"], scheme=split["scheme"],
+        n_splits=split["n_splits"], group_key=split["group_key"], train_batches=split["train_batches"],
+        test_batches=split["test_batches"], seed=seed,
+    )
+    summary = folds.summary()
+    return Result(metrics={k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+                  tables={"folds": folds.table.reset_index(names="cell")}, records={"meta": summary},
+                  inputs=[DatasetInput(dataset, h5ad)], not_logged={"folds"},
+                  notes=[f"dataset '{dataset}', task '{task}': {n}" for n in folds.notes])
+
+
+def model_stage(
     *,
     h5ad: str,
     folds: str,
     meta: str,
-    outputs: Mapping[str, str],
     dataset: str,
     task: str,
     model_name: str,
@@ -68,25 +88,22 @@ def train_model(
     seed: int = 0,
     threads: int = 1,
     trainer: Mapping[str, Any] | None = None,
-    run=None,
-) -> dict[str, Any]:
-    """Cross-validate, refit and describe one model; write every output; return the summary.
+    tracking: Mapping[str, str] | None = None,
+    workspace: str | Path | None = None,
+) -> Result:
+    """Cross-validate, refit and describe one model of a task (the classify/regress model rules).
 
     ``threads`` goes to the estimators' ``n_jobs``; the caller holds BLAS/OpenMP pools to it.
-    A deep model (``cellatlas.deep``) also gets ``trainer`` (its execution settings), the
-    donors of the training cells (whole donors make its validation set), the stage's run (its
-    epochs are logged live, as ``fold_<k>/<metric>`` and ``final/<metric>``) and, for the
-    final model, ``outputs["checkpoint"]`` (the best epoch's Lightning checkpoint).
+    A deep model (``cellatlas.deep``) also gets ``trainer`` (its execution settings) and the
+    donors of the training cells (whole donors make its validation set); the final fit streams
+    its training curves into the ``tracking`` run (``curve/<metric>``, the epoch as step) and
+    leaves its best-epoch checkpoint in ``workspace`` (result entry ``checkpoint``).
     """
     import time
 
-    import joblib
     import scipy.sparse as sp
 
     f = Folds.read(folds, meta)
-    wants_classes = "confusion" in outputs
-    if wants_classes != (f.kind == keys.CLASSIFICATION):
-        raise TaskError(dataset, task, f"is a {f.kind} task; its models are under results/{dataset}/{keys.TASK_DIRS[f.kind]}/")
     X, obs_names, var_names = read_matrix(h5ad)
     if not obs_names.equals(pd.Index(f.table.index)):
         raise TaskError(dataset, task, f"the cells of '{h5ad}' differ from those of its folds '{folds}'; rerun the split")
@@ -100,15 +117,16 @@ def train_model(
              [name for name, _ in pipe.steps])
 
     fit_params = None
+    checkpoint = Path(workspace or ".") / "model.ckpt"
     if spec.deep:
-        pipe.set_params(model__trainer=dict(trainer or {}),
-                        model__tracking={"uri": run.uri, "run_id": run.run_id} if run is not None and run.uri else None)
+        # the folds' fits are in the log and folds.tsv; the final fit's curves stream into the run
+        pipe.set_params(model__trainer=dict(trainer or {}), model__tracking=None)
         groups = f.table["group"].to_numpy() if f.table["group"].notna().any() else None
 
         def fit_params(label: str, rows: np.ndarray) -> dict[str, Any]:
             out = {"model__groups": None if groups is None else groups[rows], "model__log_prefix": label}
-            if label == "final" and "checkpoint" in outputs:
-                out["model__checkpoint"] = outputs["checkpoint"]
+            if label == "final":
+                out.update(model__checkpoint=str(checkpoint), model__log_prefix=naming.CURVE)
             return out
 
     try:
@@ -119,76 +137,62 @@ def train_model(
         epochs = pd.DataFrame([p.named_steps["model"].fit_summary_ for p in cv.fitted])
         for col in ("epochs", "best_epoch", "train_seconds"):
             cv.folds[col] = epochs[col].to_numpy()
-    cv.folds.to_csv(outputs["folds"], sep="\t", index=False)
-    summary = {"split": f.scheme, "n_folds": f.n_splits, "model_kind": model["kind"], **cv.aggregate()}
-    if run is not None:
-        for row in cv.folds.to_dict("records"):
-            run.log_metrics({f"fold_{m}": v for m, v in row.items() if m not in ("fold",)}, step=int(row["fold"]))
-        run.log_metrics(summary)
-
-    title = f"{dataset} {task}: {model_name} ({f.scheme}, {f.n_splits} folds)"
+    metrics = keys.CLASSIFICATION_METRICS if f.kind == keys.CLASSIFICATION else keys.REGRESSION_METRICS
+    scores = {m: cv.folds[m].to_numpy(dtype=float) for m in metrics}
+    primary = keys.PRIMARY_METRIC[f.kind]
+    result = Result(cv=scores, tables={"folds": cv.folds}, inputs=[DatasetInput(dataset, h5ad, context="training")],
+                    metrics={"split": f.scheme, "n_folds": f.n_splits, "model_kind": model["kind"],
+                             "time/cv_fit_seconds": float(cv.folds["fit_seconds"].sum())},
+                    not_logged={"predictions"})
+    title = f"{dataset} {task}: {model_name} ({f.scheme}, {f.n_splits} folds)\n{primary} {scores[primary].mean():.3f}"
     if f.kind == keys.CLASSIFICATION:
         classes, confusion = ev.per_class(f, cv)
-        classes.to_csv(outputs["per_class"], sep="\t", index=False)
-        confusion.to_csv(outputs["confusion"], sep="\t")
-        primary = keys.PRIMARY_METRIC[f.kind]
-        plotting.confusion(confusion, outputs["figure"], title=f"{title}\n{primary} {summary[primary + '_mean']:.3f}")
+        result.tables.update(per_class=classes, confusion=confusion.reset_index(names=confusion.index.name or ""))
+        result.figures["figure"] = plot(plotting.confusion, confusion, title=title)
     else:
         tested = f.table["test_fold"].to_numpy() >= 0
-        plotting.predicted_vs_measured(
-            f.table["target"].to_numpy(dtype=float)[tested], cv.predictions["prediction"].to_numpy(dtype=float)[tested],
-            outputs["figure"], title=f"{title}\nR² {summary['r2_mean']:.3f}",
-        )
+        result.figures["figure"] = plot(plotting.predicted_vs_measured, f.table["target"].to_numpy(dtype=float)[tested],
+                                        cv.predictions["prediction"].to_numpy(dtype=float)[tested], title=title)
 
+    if spec.deep and tracking:
+        pipe.set_params(model__tracking=dict(tracking))
     t0 = time.perf_counter()
     try:
         final = ev.fit_final(X, f, pipe, fit_params)
     except CellAtlasError as e:
         raise TaskError(dataset, task, f"model '{model_name}' (final fit): {e}") from None
-    joblib.dump(final, outputs["model"])
-    ev.final_predictions(X, f, final, cv).to_csv(outputs["predictions"], sep="\t", index_label="cell")
+    predictions = ev.final_predictions(X, f, final, cv)
+    predictions.index.name = "cell"
     t1 = time.perf_counter()
     genes = ev.importance(
         X, f, final, cv, method=spec.importance, gene_names=var_names, n_top=importance["n_genes"],
         max_cells=importance["max_cells"], n_repeats=importance["n_repeats"], candidates=importance["candidates"], seed=seed,
     )
-    genes.to_csv(outputs["importance"], sep="\t", index=False)
     t2 = time.perf_counter()
-    summary.update(final_fit_seconds=t1 - t0, importance_seconds=t2 - t1)
     log.info("final model %.1f s, importance (%s) %.1f s", t1 - t0, genes["method"].iloc[0] if len(genes) else "-", t2 - t1)
-
-    if run is not None:
-        for key in ("folds", "per_class", "confusion", "figure", "importance", "predictions"):
-            if key in outputs:
-                run.log_artifact(outputs[key])
-        example = X[:5]
-        example = np.asarray(example.toarray() if sp.issparse(example) else example, dtype=np.float32)
-        import cellatlas
-
-        uri = run.log_sklearn_model(final, input_example=example, output_example=final.predict(example),
-                                    code_paths=[Path(cellatlas.__file__).parent],
-                                    requirements=("torch", "lightning") if spec.deep else ())
-        if spec.deep:
-            run.log_metrics({f"final_{k}": v for k, v in final.named_steps["model"].fit_summary_.items()})
-            if "checkpoint" in outputs:
-                run.log_artifact(outputs["checkpoint"])
-        run.log_metrics({"final_fit_seconds": t1 - t0, "importance_seconds": t2 - t1, "model_uri": uri})
-        log.info("model logged as %s", uri)
-    return summary
+    result.tables.update(predictions=predictions.reset_index(), importance=genes)
+    result.metrics.update({"time/final_fit_seconds": t1 - t0, "time/importance_seconds": t2 - t1})
+    example = X[:5]
+    example = np.asarray(example.toarray() if sp.issparse(example) else example, dtype=np.float32)
+    result.models["model"] = Model(final, input_example=example, requirements=("torch", "lightning") if spec.deep else ())
+    if spec.deep:
+        summary = final.named_steps["model"].fit_summary_
+        result.metrics.update({f"{naming.FIT}/{k}": v for k, v in summary.items()})
+        result.files["checkpoint"] = checkpoint
+    return result
 
 
-def compare_models(
+def compare_stage(
     *,
     fold_paths: Mapping[str, str],
+    records: Mapping[str, str],
     meta: str,
-    outputs: Mapping[str, str],
     dataset: str,
     task: str,
     test: str = "corrected_ttest",
     alpha: float = 0.05,
-    run=None,
-) -> dict[str, Any]:
-    """Rank the task's models, test every pair on the shared folds, write the tables and figure."""
+) -> Result:
+    """The classify_compare rule: rank the task's models and test every pair on the shared folds."""
     info = json.loads(Path(meta).read_text())
     tables = {m: pd.read_csv(p, sep="\t") for m, p in fold_paths.items()}
     table, pairwise, summary = compare(tables, kind=info["kind"], test=test, alpha=alpha)
@@ -198,18 +202,18 @@ def compare_models(
         table.insert(i, k, v)
     table["test"] = summary["test"]
     table["conclusion"] = summary["conclusion"]
-    table.to_csv(outputs["table"], sep="\t", index=False)
-    pairwise.to_csv(outputs["pairwise"], sep="\t", index=False)
-    plotting.fold_scores(tables, summary["metric"], outputs["figure"],
-                         title=f"{dataset} {task}: {info['split']} split, {summary['n_folds']} folds")
     log.info("%s", summary["conclusion"])
-    if run is not None:
-        from cellatlas.tracking import log_to_parent
-
-        best = table.iloc[0]
-        run.log_metrics({"best_model": summary["best_model"], "split": info["split"], "conclusion": summary["conclusion"],
-                         f"best_{summary['metric']}_mean": float(best[f"{summary['metric']}_mean"])})
-        for key in ("table", "pairwise", "figure"):
-            run.log_artifact(outputs[key])
-        log_to_parent(outputs["table"], f"models/{dataset}/{task}")
-    return summary
+    metric = summary["metric"]
+    best = table.iloc[0]
+    metrics = {"best_model": summary["best_model"], "split": info["split"], "conclusion": summary["conclusion"],
+               f"best/{naming.cv_mean(metric)}": float(best[f"{metric}_mean"])}
+    if len(table) > 1:  # how far ahead the best model is of the next one
+        metrics[f"best/{metric}_margin"] = float(best[f"{metric}_mean"] - table.iloc[1][f"{metric}_mean"])
+    table["run_id"] = [json.loads(Path(records[m]).read_text())["run_id"] for m in table["model"]]
+    uri = json.loads(Path(records[summary["best_model"]]).read_text()).get("model_uri")
+    return Result(
+        metrics=metrics, tables={"table": table, "pairwise": pairwise},
+        register={naming.registered_model(dataset, task): uri} if uri else {},
+        figures={"figure": plot(plotting.fold_scores, tables, metric,
+                                title=f"{dataset} {task}: {info['split']} split, {summary['n_folds']} folds")},
+    )

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellatlas import keys
+from cellatlas import keys, naming
 from cellatlas.errors import CellAtlasError, InputDataError
+from cellatlas.stage import DatasetInput, Model, Result, plot
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
     data = CellDataModule(X, covariate=codes, groups=groups, val_fraction=model["val_fraction"],
                           batch_size=model["batch_size"], seed=seed, on_device=settings.data_on_device)
     try:
-        result = fit(plan, data, settings, tracking=tracking, prefix="vae", checkpoint=checkpoint)
+        result = fit(plan, data, settings, tracking=tracking, prefix=naming.CURVE, checkpoint=checkpoint)
     except CellAtlasError as e:
         raise InputDataError(dataset, f"VAE: {e}") from None
     plan = result.plan.cpu()
@@ -149,43 +150,59 @@ def cluster_embedding(adata, *, n_neighbors: int, resolutions: list[float], umap
     return table, {k: v for k, v in mixing.items() if not np.isnan(v)}
 
 
-def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model: Mapping[str, Any],
-                  trainer: Mapping[str, Any], embed: Mapping[str, Any], cluster: Mapping[str, Any], seed: int = 0,
-                  run=None) -> dict[str, Any]:
-    """The train_vae rule: train, encode, cluster, plot; write every output; return the summary."""
+def train_stage(*, h5ad: str, dataset: str, model: Mapping[str, Any], trainer: Mapping[str, Any], seed: int = 0,
+                tracking: Mapping[str, str] | None = None, workspace: str | Path = ".") -> Result:
+    """The train_vae rule: train on the normalize stage's counts and encode every cell.
+
+    The latent space is clustered by its own job (:func:`cluster_stage`), so a change of Leiden
+    resolution never retrains the VAE.
+    """
+    import anndata as ad
+
+    from cellatlas import plotting
+
+    adata = ad.read_h5ad(h5ad)
+    checkpoint = Path(workspace) / "model.ckpt"
+    result = train_vae(adata, dataset=dataset, model=model, trainer=trainer, seed=seed, tracking=tracking,
+                       checkpoint=str(checkpoint))
+    history = pd.DataFrame(result.history)
+    latent = ad.AnnData(obs=adata.obs.copy(), obsm={LATENT: adata.obsm[LATENT]})
+    latent.uns[keys.UNS_KEY] = {"train_vae": {"params": dict(model), "genes": len(result.plan.hparams.genes)}}
+    summary: dict[str, Any] = {**{f"{naming.FIT}/{k}": v for k, v in result.summary().items()}, "device": result.device,
+                               "precision": result.precision, "validation_split": result.split,
+                               "n_genes": int(result.plan.hparams.n_genes), "n_latent": int(model["n_latent"]),
+                               "n_batches": int(result.plan.hparams.n_batches)}
+    return Result(
+        metrics=summary, data={"latent": latent}, tables={"history": history}, files={"checkpoint": checkpoint},
+        figures={"curves": plot(plotting.training_curves, history,
+                                title=f"{dataset}: VAE ({result.device}, {result.precision})")},
+        models={"model": Model(result.plan.net, flavor="torch")}, inputs=[DatasetInput(dataset, h5ad, context="training")],
+    )
+
+
+def cluster_stage(*, latent: str, clustered: str, dataset: str, embed: Mapping[str, Any], cluster: Mapping[str, Any],
+                  seed: int = 0) -> Result:
+    """The cluster_vae rule: the VAE's latent space clustered and mapped like the PCA embedding
+    (``clustered``: the cluster stage's output), and the two compared against the labels."""
     import anndata as ad
 
     from cellatlas import plotting
     from cellatlas.cluster import agreement_summary
 
-    adata = ad.read_h5ad(h5ad)
-    tracking = {"uri": run.uri, "run_id": run.run_id} if run is not None and run.uri else None
-    result = train_vae(adata, dataset=dataset, model=model, trainer=trainer, seed=seed, tracking=tracking,
-                       checkpoint=outputs["checkpoint"])
+    adata = ad.read_h5ad(clustered)
+    codes = ad.read_h5ad(latent)
+    if not codes.obs_names.equals(adata.obs_names):
+        raise InputDataError(dataset, f"the cells of '{latent}' differ from those of '{clustered}'; rerun train_vae")
+    adata.obsm[LATENT] = codes.obsm[LATENT]
     resolutions = list(cluster["resolutions"])
     table, mixing = cluster_embedding(adata, n_neighbors=embed["n_neighbors"], resolutions=resolutions,
                                       umap_min_dist=embed["umap_min_dist"], seed=seed)
-    table.to_csv(outputs["clusters"], sep="\t", index=False)
-    history = pd.DataFrame(result.history)
-    history.to_csv(outputs["history"], sep="\t", index=False)
-    plotting.training_curves(history, outputs["curves"], title=f"{dataset}: VAE ({result.device}, {result.precision})")
-
-    colors = {}
-    for key in (keys.LABEL, keys.BATCH):
-        if key in adata.obs:
-            colors[key] = adata.obs[key]
+    colors = {key: adata.obs[key] for key in (keys.LABEL, keys.BATCH) if key in adata.obs}
     r = cluster["marker_resolution"]
     colors[vae_leiden_key(r)] = adata.obs[vae_leiden_key(r)]
-    plotting.embedding(adata.obsm[UMAP], colors, outputs["umap"], basis="UMAP",
-                       title=f"{dataset}: UMAP of the VAE's {adata.obsm[LATENT].shape[1]}-d latent space")
-
     out = ad.AnnData(obs=adata.obs.copy(), obsm={k: adata.obsm[k] for k in (LATENT, UMAP, "X_pca", "X_umap") if k in adata.obsm})
-    out.uns[keys.UNS_KEY] = {"train_vae": {"params": {k: v for k, v in model.items()}, "genes": len(result.plan.hparams.genes)}}
-    out.write_h5ad(outputs["h5ad"])
-
-    summary: dict[str, Any] = {**result.summary(), "device": result.device, "precision": result.precision,
-                               "validation_split": result.split, "n_genes": int(result.plan.hparams.n_genes),
-                               "n_latent": int(model["n_latent"]), "n_batches": int(result.plan.hparams.n_batches)}
+    out.uns[keys.UNS_KEY] = codes.uns.get(keys.UNS_KEY, {})
+    summary: dict[str, Any] = {}
     vae = table.rename(columns={f"{c}_vae": c for c in ("n_clusters", "ari", "nmi")})
     summary.update(agreement_summary(vae))
     summary.update(mixing)
@@ -195,12 +212,11 @@ def embedding_job(*, h5ad: str, outputs: Mapping[str, str], dataset: str, model:
     if mixing:
         log.info("batch mixing of the kNN graph (1: as mixed as random neighbours): %s",
                  ", ".join(f"{k} {v:.3f}" for k, v in mixing.items()))
-    if run is not None:
-        run.log_metrics(summary)
-        for key in ("clusters", "history", "curves", "umap", "checkpoint"):
-            run.log_artifact(outputs[key])
-        run.log_torch_model(result.plan.net, name="model")
-    return summary
+    return Result(
+        metrics=summary, data={"h5ad": out}, tables={"clusters": table}, inputs=[DatasetInput(dataset, latent)],
+        figures={"umap": plot(plotting.embedding, adata.obsm[UMAP], colors, basis="UMAP",
+                              title=f"{dataset}: UMAP of the VAE's {adata.obsm[LATENT].shape[1]}-d latent space")},
+    )
 
 
 def load_vae(checkpoint: str | Path):

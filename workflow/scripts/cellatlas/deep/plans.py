@@ -82,7 +82,7 @@ class ClassifierPlan(_Plan):
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        from cellatlas.classify.evaluate import scores
+        from cellatlas.metrics import scores
 
         y = torch.cat([v[0] for v in self._val]).numpy()
         p = torch.cat([v[1] for v in self._val]).numpy()

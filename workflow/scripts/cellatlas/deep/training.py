@@ -80,7 +80,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 class StageRunLogger(MLFlowLogger):
     """Lightning's MLflow logger bound to an existing run that the stage owns.
 
-    Metric keys are ``<prefix>/<name>`` (MLflow's UI groups charts by the part before ``/``);
+    Metric keys are ``<prefix>/<name>`` (MLflow's UI groups charts by the part before ``/``), the
+    epoch their step;
     hyperparameters are logged by the stage, once, not by every fit.
     """
 
@@ -88,6 +89,12 @@ class StageRunLogger(MLFlowLogger):
 
     def __init__(self, *, tracking_uri: str, run_id: str, prefix: str = ""):
         super().__init__(tracking_uri=tracking_uri, run_id=run_id, prefix=prefix)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        # the epoch is the step (Lightning's own step counts batches), not a curve of its own
+        metrics = dict(metrics)
+        epoch = metrics.pop("epoch", None)
+        super().log_metrics(metrics, int(epoch) if epoch is not None else step)
 
     def log_hyperparams(self, params) -> None:
         pass

@@ -1,0 +1,80 @@
+"""Scores of a mapping against the query's own labels, and agreement between methods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+from cellatlas.atlas import UNASSIGNED
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Sequence[str]):
+    """Scores of transferred labels against the query's own labels.
+
+    Accuracy, balanced accuracy and macro-F1 are over the query cells whose label the
+    reference has (an unassigned cell counts as wrong there); cells of other labels ("novel")
+    should come out unassigned. Returns (metrics, per-label table, crosstab of predicted by
+    query label); without query labels, only the assignment rates and an empty crosstab.
+    """
+    import sklearn.metrics as skm
+
+    pred = predicted.astype(str).to_numpy()
+    metrics: dict[str, float] = {"n_cells": float(len(pred)), "unassigned_fraction": float(np.mean(pred == UNASSIGNED))}
+    if truth is None or truth.notna().sum() == 0:
+        counts = pd.Series(pred).value_counts()
+        return metrics, pd.DataFrame({"predicted": counts.index, "n_cells": counts.to_numpy()}), pd.DataFrame()
+    labelled = truth.notna().to_numpy()
+    true = truth.astype(str).to_numpy()
+    ref = set(map(str, reference_labels))
+    shared = labelled & np.isin(true, list(ref))
+    novel = labelled & ~shared
+    metrics.update({"n_shared_type_cells": float(shared.sum()), "n_novel_type_cells": float(novel.sum())})
+    if shared.any():
+        y, p = true[shared], pred[shared]
+        present = np.unique(y)
+        metrics.update({
+            "accuracy": float(skm.accuracy_score(y, p)),
+            "balanced_accuracy": float(skm.recall_score(y, p, labels=present, average="macro", zero_division=0)),
+            "macro_f1": float(skm.f1_score(y, p, labels=present, average="macro", zero_division=0)),
+            "unassigned_shared": float(np.mean(p == UNASSIGNED)),
+        })
+    if novel.any():
+        metrics["unassigned_novel"] = float(np.mean(pred[novel] == UNASSIGNED))
+    rows = []
+    for label in sorted(np.unique(true[labelled])):
+        sel = labelled & (true == label)
+        p = pred[sel]
+        top = pd.Series(p).value_counts()
+        rows.append({"query_label": label, "in_reference": label in ref, "n_cells": int(sel.sum()),
+                     "recall": float(np.mean(p == label)) if label in ref else np.nan,
+                     "unassigned": float(np.mean(p == UNASSIGNED)),
+                     "most_common": str(top.index[0]), "most_common_fraction": float(top.iloc[0] / sel.sum())})
+    crosstab = pd.crosstab(pd.Series(true[labelled], name="query_label"), pd.Series(pred[labelled], name="predicted"))
+    order = [c for c in sorted(reference_labels) if c in crosstab.columns] + \
+            [c for c in crosstab.columns if c not in ref and c != UNASSIGNED] + \
+            ([UNASSIGNED] if UNASSIGNED in crosstab.columns else [])
+    return metrics, pd.DataFrame(rows), crosstab[order]
+
+
+def agreement_between(labels: Mapping[str, pd.Series]) -> pd.DataFrame:
+    """Pairwise agreement of methods: share of cells with the same label, and Cohen's kappa."""
+    from sklearn.metrics import cohen_kappa_score
+
+    names = sorted(labels)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = labels[a].astype(str).to_numpy(), labels[b].astype(str).to_numpy()
+            both = (x != UNASSIGNED) & (y != UNASSIGNED)
+            rows.append({"method_a": a, "method_b": b, "same_label": float(np.mean(x == y)),
+                         "kappa": float(cohen_kappa_score(x, y)) if len(set(x) | set(y)) > 1 else 1.0,
+                         "both_assigned": float(np.mean(both)),
+                         "same_label_when_both_assigned": float(np.mean(x[both] == y[both])) if both.any() else np.nan})
+    return pd.DataFrame(rows, columns=["method_a", "method_b", "same_label", "kappa", "both_assigned",
+                                       "same_label_when_both_assigned"])

@@ -1,0 +1,105 @@
+"""The stage entries of the main chain (ingest -> qc -> normalize -> embed -> cluster).
+
+Each reads its input file, calls the library and returns a :class:`~cellatlas.stage.Result`
+keyed by the rule's output names; :mod:`cellatlas.runner` writes and logs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cellatlas import keys, plotting
+from cellatlas.stage import DatasetInput, Result, plot
+
+
+def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None, output: str) -> Result:
+    from cellatlas.ingest import canonicalize, read_source, subset
+
+    adata = read_source(dataset, spec["source"], path=path)
+    adata = canonicalize(
+        adata, dataset, matrix=spec["matrix"], values=spec["values"],
+        label_key=spec["label_key"], batch_key=spec["batch_key"], donor_key=spec["donor_key"], path=path,
+    )
+    adata = subset(adata, dataset, **spec.get("subset", {}))
+    # the source file where there is one; else what was read from scanpy or simulated
+    source = DatasetInput(dataset, path, context="source") if path else DatasetInput(dataset, output, context="ingested")
+    return Result(metrics={"n_cells": adata.n_obs, "n_genes": adata.n_vars, "nnz": adata.X.nnz, "values": spec["values"]},
+                  data={"h5ad": adata}, inputs=[source])
+
+
+def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Result:
+    import anndata as ad
+
+    from cellatlas.qc import run_qc
+
+    res = run_qc(
+        ad.read_h5ad(h5ad), dataset, mode=p["mode"], fixed=p["fixed"], nmads=p["nmads"], nmads_mt=p["nmads_mt"],
+        min_cells=p["min_cells"], doublets=p["doublets"], remove_doublets=p["remove_doublets"], seed=seed,
+    )
+    cells = res.cells.copy()
+    cells.index.name = "cell"
+    return Result(
+        metrics=res.summary, data={"h5ad": res.adata}, tables={"thresholds": res.thresholds, "cells": cells.reset_index()},
+        figures={
+            "histograms": plot(plotting.qc_histograms, res.cells, res.thresholds,
+                               title=f"{dataset}: QC metrics of all cells, bounds in red"),
+            "scatter": plot(plotting.qc_scatter, res.adata.obs, title=f"{dataset}: cells kept"),
+        },
+        inputs=[DatasetInput(dataset, h5ad)], not_logged={"cells"},
+    )
+
+
+def normalize_stage(h5ad: str, dataset: str, p: Mapping[str, Any]) -> Result:
+    import anndata as ad
+
+    from cellatlas.normalize import hvg_table, normalize
+
+    adata = ad.read_h5ad(h5ad)
+    summary = normalize(adata, dataset, target_sum=p["target_sum"], n_top_genes=p["n_top_genes"],
+                        batch_aware=p["batch_aware"])
+    return Result(metrics=summary, data={"h5ad": adata}, tables={"hvg": hvg_table(adata).reset_index()},
+                  figures={"figure": plot(plotting.hvg_dispersion, adata.var, title=f"{dataset}: highly variable genes")},
+                  inputs=[DatasetInput(dataset, h5ad)])
+
+
+def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, threads: int) -> Result:
+    import anndata as ad
+
+    from cellatlas.embed import embed
+
+    adata = ad.read_h5ad(h5ad)
+    summary = embed(
+        adata, n_pcs=p["n_pcs"], scale=p["scale"], n_neighbors=p["n_neighbors"], umap_min_dist=p["umap_min_dist"],
+        tsne_perplexity=p["tsne_perplexity"], seed=seed, n_jobs=threads,
+    )
+    colors = plotting.annotation_colors(adata.obs)
+    return Result(metrics=summary, data={"h5ad": adata}, inputs=[DatasetInput(dataset, h5ad)], figures={
+        "pca": plot(plotting.pca_variance, adata.uns["pca"]["variance_ratio"], title=f"{dataset}: PCA"),
+        "umap": plot(plotting.embedding, adata.obsm["X_umap"], colors, basis="UMAP", title=dataset),
+        "tsne": plot(plotting.embedding, adata.obsm["X_tsne"], colors, basis="t-SNE", title=dataset),
+    })
+
+
+def cluster_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Result:
+    import anndata as ad
+
+    from cellatlas.cluster import cluster
+
+    adata = ad.read_h5ad(h5ad)
+    agreement, markers, summary = cluster(
+        adata, resolutions=p["resolutions"], marker_resolution=p["marker_resolution"],
+        marker_method=p["marker_method"], marker_n_genes=p["marker_n_genes"], seed=seed,
+    )
+    colors = {keys.leiden_key(r): adata.obs[keys.leiden_key(r)] for r in p["resolutions"]}
+    if keys.LABEL in adata.obs:
+        colors[keys.LABEL] = adata.obs[keys.LABEL]
+    return Result(
+        metrics=summary, data={"h5ad": adata}, tables={"agreement": agreement, "markers": markers},
+        figures={
+            "umap": plot(plotting.embedding, adata.obsm["X_umap"], colors, basis="UMAP", title=f"{dataset}: Leiden clusters"),
+            "dotplot": plot(plotting.marker_dotplot, adata, markers, resolution=p["marker_resolution"],
+                            title=f"{dataset}: marker genes of the Leiden clusters (resolution {p['marker_resolution']:g})"),
+        },
+        inputs=[DatasetInput(dataset, h5ad)],
+    )

@@ -1,0 +1,210 @@
+"""One ``snakemake`` invocation as one MLflow parent run that tells its whole story.
+
+:func:`start_parent` (the Snakefile's ``onstart``) creates the parent: the config as params, its
+name (``run_name``, or ``pipeline-<config hash>``), and what changed against the previous
+invocation. :func:`end_parent` (``onsuccess``/``onerror``) gives it the headline metrics of
+everything the configuration produced, also of results reused from earlier invocations (read from
+the result files, which are there either way), a table of every stage run whose results it used,
+the summary tables, and prints where to look next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cellatlas import naming
+from cellatlas.store import relocate, sqlite_path
+from cellatlas.tracking import (
+    ENV_CONFIG_HASH, ENV_EXPERIMENT, ENV_GIT_COMMIT, ENV_PARENT, ENV_URI, _client, _experiment_id, check_server,
+    common_tags, config_hash, flatten, git_commit,
+)
+
+log = logging.getLogger(__name__)
+
+#: config keys that name or place an invocation, not what it computes (kept out of the hash and the diff)
+NOT_SCIENCE = ("run_name", "tracking")
+#: the parent's tag listing the changed params
+TAG_CHANGES = "cellatlas.changes"
+
+
+def science(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_SCIENCE}
+
+
+def previous_parent(client, experiment_id: str):
+    """The most recent earlier finished invocation in the experiment, or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{naming.TAG_KIND}` = 'pipeline' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def config_changes(before: Mapping[str, str], after: Mapping[str, str]) -> pd.DataFrame:
+    """Every flattened config key whose value differs: ``param``, ``before``, ``after`` ('' where absent)."""
+    keys = sorted(set(before) | set(after))
+    rows = [{"param": k, "before": before.get(k, ""), "after": after.get(k, "")} for k in keys
+            if before.get(k) != after.get(k)]
+    return pd.DataFrame(rows, columns=["param", "before", "after"])
+
+
+def start_parent(*, uri: str, experiment: str, config: Mapping[str, Any], workdir: str | Path) -> str:
+    """Create the invocation's parent run and export what jobs need to hang under it."""
+    check_server(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        relocate(db)  # a copied results/ writes into itself, not into the tree it was copied from
+    chash = config_hash(science(config))
+    os.environ.update(
+        {ENV_URI: uri, ENV_EXPERIMENT: experiment, ENV_CONFIG_HASH: chash, ENV_GIT_COMMIT: git_commit(workdir)}
+    )
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment, uri)
+    previous = previous_parent(client, exp_id)
+    params = flatten(science(config))
+    tags = {**common_tags(), naming.TAG_KIND: "pipeline", naming.TAG_STATUS: "running", naming.TAG_STAGE: "pipeline"}
+    run = client.create_run(exp_id, run_name=config.get("run_name") or f"pipeline-{chash}", tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+    client.log_dict(run_id, dict(config), "config.json")
+    if previous is not None:
+        changes = config_changes(previous.data.params, params)
+        client.set_tag(run_id, "cellatlas.previous_run", f"{previous.info.run_name} ({previous.info.run_id})")
+        client.set_tag(run_id, TAG_CHANGES, "; ".join(f"{r.param}: {r.before} -> {r.after}" for r in
+                                                      changes.itertuples())[:4900] or "nothing")
+        client.log_text(run_id, changes.to_csv(sep="\t", index=False), "changes.tsv")
+    os.environ[ENV_PARENT] = run_id
+    return run_id
+
+
+def _round(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    return table.round({c: digits for c in table.columns if table[c].dtype.kind == "f"})
+
+
+def headline_metrics(results: str | Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent's metrics and tags, from the summary tables of ``results``.
+
+    Per dataset: cells kept, best ARI (PCA and VAE), batch mixing; per task: the best model's
+    cross-validated primary metric, its margin over the next model (tag: which model); per atlas,
+    query and method: accuracy and unassigned share.
+    """
+    results = Path(results)
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+
+    def put(key: str, value: Any) -> None:
+        if value is not None and pd.notna(value):
+            metrics[key] = float(value)
+
+    if (results / "summary.tsv").exists():
+        for row in pd.read_csv(results / "summary.tsv", sep="\t").to_dict("records"):
+            for col in ("cells_kept", "best_ari", "vae_best_ari", "batch_mixing", "vae_batch_mixing"):
+                put(naming.headline(row["dataset"], col), row.get(col))
+    if (results / "models.tsv").exists():
+        models = pd.read_csv(results / "models.tsv", sep="\t")
+        for (dataset, task), rows in models.groupby(["dataset", "task"], sort=True):
+            rows = rows.sort_values("rank")
+            metric = "macro_f1" if rows["kind"].iloc[0] == "classification" else "r2"
+            best = rows.iloc[0]
+            put(naming.headline(dataset, task, f"best_{metric}"), best[f"{metric}_mean"])
+            if len(rows) > 1:
+                put(naming.headline(dataset, task, "margin"), best[f"{metric}_mean"] - rows.iloc[1][f"{metric}_mean"])
+            tags[f"cellatlas.best.{dataset}.{task}"] = str(best["model"])
+    if (results / "atlas.tsv").exists():
+        for row in pd.read_csv(results / "atlas.tsv", sep="\t").to_dict("records"):
+            for col in ("accuracy", "unassigned_fraction"):
+                put(naming.headline("atlas", row["atlas"], row["query"], row["method"], col), row.get(col))
+    return metrics, tags
+
+
+def stage_runs(records: Iterable[str | Path], parent: str) -> pd.DataFrame:
+    """One row per stage run whose results the invocation used; ``reused``: made by an earlier one."""
+    rows = []
+    for path in records:
+        if not Path(path).exists():
+            continue
+        rec = json.loads(Path(path).read_text())
+        rows.append({"stage": rec["stage"], "run_name": rec.get("run_name", ""), "dataset": rec.get("dataset", ""),
+                     "run_id": rec["run_id"], "invocation": rec.get("parent_run_id", ""),
+                     "reused": rec.get("parent_run_id", "") != parent, "record": str(path)})
+    return pd.DataFrame(rows, columns=["stage", "run_name", "dataset", "run_id", "invocation", "reused", "record"])
+
+
+def end_parent(status: str = "FINISHED", *, results: str | Path = "results",
+               records: Iterable[str | Path] = (), terminal=sys.stdout) -> None:
+    """End the parent run started by :func:`start_parent` in this process (no-op if none).
+
+    On success the parent gets the headline metrics, ``runs.tsv`` and the summary tables, and the
+    terminal the run's name and id, the UI command and the tables.
+    """
+    run_id = os.environ.get(ENV_PARENT)
+    if not run_id:
+        return
+    client = _client(os.environ[ENV_URI])
+    results = Path(results)
+    try:
+        if status == "FINISHED":
+            from mlflow.entities import Metric
+
+            metrics, tags = headline_metrics(results)
+            items = [Metric(k, v, 0, 0) for k, v in sorted(metrics.items())]
+            for start in range(0, len(items), 1000):
+                client.log_batch(run_id, metrics=items[start:start + 1000])
+            for k, v in tags.items():
+                client.set_tag(run_id, k, v)
+            runs = stage_runs(records, run_id)
+            client.log_text(run_id, runs.to_csv(sep="\t", index=False), "runs.tsv")
+            client.set_tag(run_id, "cellatlas.stage_runs", f"{len(runs)} ({int(runs['reused'].sum())} reused)")
+            for name in ("summary.tsv", "models.tsv", "atlas.tsv"):
+                if (results / name).exists():
+                    client.log_artifact(run_id, str(results / name))
+    finally:
+        client.set_tag(run_id, naming.TAG_STATUS, status.lower())
+        client.set_terminated(run_id, status=status)
+    if status == "FINISHED":
+        orient(client, run_id, results, metrics, tags, terminal=terminal)
+
+
+def orient(client, run_id: str, results: Path, metrics: Mapping[str, float], tags: Mapping[str, str], *,
+           terminal) -> None:
+    """Where to look next: the parent run, the UI command, the tables, a few headline figures."""
+    run = client.get_run(run_id)
+    uri = os.environ.get(ENV_URI, "")
+    ui = ".venv/bin/cellatlas-ui   (then http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
+    lines = [
+        "",
+        f"cellatlas: invocation '{run.info.run_name}' (MLflow run {run_id}, experiment "
+        f"'{os.environ.get(ENV_EXPERIMENT, '')}') finished.",
+        f"  compare runs:  {ui}",
+        f"  tables:        {results / 'summary.tsv'}, {results / 'models.tsv'}, {results / 'atlas.tsv'}",
+    ]
+    if "cellatlas.changes" in run.data.tags:
+        lines.append(f"  changed since {run.data.tags.get('cellatlas.previous_run', 'the previous run')}: "
+                     f"{run.data.tags['cellatlas.changes'][:300]}")
+    best = [f"{key[len('cellatlas.best.'):].replace('.', '/')}: {model}"
+            + (f" ({m:.3f})" if (m := _task_metric(metrics, key)) is not None else "")
+            for key, model in sorted(tags.items())]
+    if best:
+        lines.append("  best models:   " + "; ".join(best[:6]) + (" ..." if len(best) > 6 else ""))
+    aris = [f"{k.split('/')[0]} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith("/best_ari")]
+    if aris:
+        lines.append("  best ARI:      " + ", ".join(aris))
+    print("\n".join(lines), file=terminal)
+
+
+def _task_metric(metrics: Mapping[str, float], tag: str) -> float | None:
+    dataset, task = tag[len("cellatlas.best."):].split(".", 1)
+    for metric in ("best_macro_f1", "best_r2"):
+        if naming.headline(dataset, task, metric) in metrics:
+            return metrics[naming.headline(dataset, task, metric)]
+    return None

@@ -1,0 +1,56 @@
+"""Every name the pipeline gives things in MLflow: runs, tags, metrics, models (one place).
+
+The README's "Compare runs" section documents the same scheme.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: tags of every run
+TAG_KIND = "cellatlas.kind"          # pipeline (an invocation) or stage (a job)
+TAG_STAGE = "cellatlas.stage"        # the results/ folder the job writes: ingest ... cluster, classify,
+#                                      regress, train, atlas, summary
+TAG_STEP = "cellatlas.step"          # what the job does inside its stage: split, model, compare, vae, ...
+TAG_DATASET = "cellatlas.dataset"
+TAG_STATUS = "cellatlas.status"
+TAG_NOTES = "cellatlas.notes"        # warnings that change a result's meaning
+TAG_MODEL_URI = "cellatlas.model_uri"
+
+#: metric prefixes (MLflow's chart view groups metrics by the part before the first "/")
+CV = "cv"          # cross-validated: mean over folds (cv/macro_f1), sample sd (cv/macro_f1_sd)
+FOLD = "fold"      # per fold, the fold number as step (fold/macro_f1)
+CURVE = "curve"    # training curves, the epoch as step (curve/train_loss, curve/val_loss)
+FIT = "fit"        # facts of the final fit (fit/epochs, fit/best_epoch)
+TIME = "time"      # seconds (time/final_fit_seconds)
+
+
+def cv_mean(metric: str) -> str:
+    return f"{CV}/{metric}"
+
+
+def cv_sd(metric: str) -> str:
+    return f"{CV}/{metric}_sd"
+
+
+def fold(metric: str) -> str:
+    return f"{FOLD}/{metric}"
+
+
+def logged_model(*parts: str) -> str:
+    """An MLflow logged model's name: ``<dataset>-<task>-<model>`` (``sim-cell_type-knn``)."""
+    return "-".join(re.sub(r"[^A-Za-z0-9_]", "_", p) for p in parts if p)
+
+
+def registered_model(dataset: str, task: str) -> str:
+    """The Model Registry name of a task's best model; ``models:/<name>@best`` loads the current one."""
+    return f"cellatlas.{dataset}.{task}"
+
+
+#: the registry alias that follows the best model of a task
+BEST_ALIAS = "best"
+
+
+def headline(*parts: str) -> str:
+    """A parent-run metric: ``<dataset>/<what>``, ``<dataset>/<task>/<what>``, ``atlas/<atlas>/<query>/<method>/<what>``."""
+    return "/".join(parts)

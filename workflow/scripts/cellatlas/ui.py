@@ -1,0 +1,38 @@
+"""``cellatlas-ui``: the MLflow UI over this project's tracking store, on localhost.
+
+A copied or moved ``results/`` is relocated first (:func:`cellatlas.store.relocate`), so the UI
+shows the copy's own artifacts. The UI listens on 127.0.0.1 unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def ui_command(db: Path, *, host: str, port: int) -> list[str]:
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", host, "--port", str(port)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cellatlas.store import relocate
+
+    parser = argparse.ArgumentParser(prog="cellatlas-ui", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results", help="the pipeline's results folder (default: results)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    db = Path(args.results).resolve() / "mlflow.db"
+    if not db.exists():
+        raise SystemExit(f"cellatlas-ui: no tracking store at {db}; run the pipeline first (make run)")
+    relocate(db)
+    cmd = ui_command(db, host=args.host, port=args.port)
+    print(f"cellatlas-ui: http://{args.host}:{args.port}  ({' '.join(cmd)})", file=sys.stderr)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()
