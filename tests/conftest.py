@@ -22,3 +22,14 @@ def canonical(sim_counts):
     from cellatlas.ingest import canonicalize
 
     return canonicalize(sim_counts, "sim", label_key="cell_type", batch_key="batch", donor_key="donor")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """One real run of the workflow (workflow_utils.CONFIG), shared by the tests that check it."""
+    from workflow_utils import CONFIG, make_workdir, snakemake
+
+    w = make_workdir(tmp_path_factory.mktemp("wf"), CONFIG)
+    r = snakemake(w, "--cores", "2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return w

@@ -9,51 +9,19 @@ import pytest
 from conftest import ROOT, SHARED_DATA
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import adjusted_rand_score
-from workflow_utils import make_workdir, snakemake, write_config
+from workflow_utils import CONFIG, make_workdir, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 STAGES = ("ingest", "qc", "normalize", "embed", "cluster")
 
-CONFIG = {
-    "datasets": {
-        "pbmc68k": {
-            "source": {"kind": "scanpy", "name": "pbmc68k_reduced"},
-            "matrix": "raw",
-            "values": "lognorm",
-            "label_key": "bulk_labels",
-        },
-        # 5,200 cells: more than the others, though scanpy keeps its exact kNN graph up to 8,192 (euclidean)
-        "sim5k": {
-            "source": {"kind": "simulate", "n_cells": 5200, "n_genes": 1500, "n_types": 5, "n_donors": 4,
-                       "n_batches": 2, "doublet_rate": 0.03, "batch_sd": 0.05, "donor_sd": 0.05, "program_genes": 20,
-                       "seed": 7},
-            "label_key": "cell_type",
-            "batch_key": "batch",
-            "donor_key": "donor",
-        },
-    },
-    "cluster": {"resolutions": [0.5, 1.0], "marker_resolution": 0.5, "marker_method": "t-test"},
-    "classify": {
-        "tasks": {"sim5k": {"cell_type": {"target": "label"}, "program": {"target": "program", "kind": "regression"}}},
-        "features": {"n_genes": 500, "n_pcs": 20},
-        "classifiers": {"logistic_regression": {"kind": "logistic_regression"}, "knn": {"kind": "knn", "input": "pca"},
-                        "mlp": {"kind": "mlp", "params": {"hidden": [64], "max_epochs": 6}}},
-        "regressors": {"ridge": {"kind": "ridge"}},
-    },
-    "train": {"embedding": {"datasets": ["sim5k"], "n_latent": 8, "max_epochs": 8}},
-    # sim5k is the reference; the query is one of its donors again, read as a dataset of its own
-    # (cells the reference holds: every method must label them as the reference does)
-    "atlas": {"atlases": {"a": {"reference": "sim5k", "queries": ["sim5k_q"]}}},
-}
-CONFIG["datasets"]["sim5k_q"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_3"]}}}
 METHODS = ("projection", "latent", "classifier")
 #: the MLflow runs of the supervised jobs, as named by the jobs
 CLASSIFY_RUNS = [
-    "classify_split:sim5k/classify/cell_type", "classify_split:sim5k/regress/program",
-    "classify:sim5k/cell_type/logistic_regression", "classify:sim5k/cell_type/knn", "classify:sim5k/program/ridge",
-    "classify_compare:sim5k/classify/cell_type", "classify_compare:sim5k/regress/program",
-    "train:sim5k/cell_type/mlp", "train:sim5k/vae",
-    "atlas_reference:a", "atlas_reference_vae:a", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas_compare:a/sim5k_q",
+    "classify:sim5k/cell_type/split", "regress:sim5k/program/split",
+    "classify:sim5k/cell_type/logistic_regression", "classify:sim5k/cell_type/knn", "regress:sim5k/program/ridge",
+    "classify:sim5k/cell_type/comparison", "regress:sim5k/program/comparison",
+    "classify:sim5k/cell_type/mlp", "train:sim5k/vae", "train:sim5k/vae/cluster",
+    "atlas:a/reference", "atlas:a/reference/vae", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas:a/sim5k_q/comparison",
 ]
 
 
@@ -71,14 +39,6 @@ def _jobs(dry_run_stdout):
     """Rule names of the job-stats table of a dry run."""
     table = dry_run_stdout.split("Job stats:")[1].split("total")[0]
     return {m.group(1) for m in re.finditer(r"^(\w+)\s+\d+$", table, re.MULTILINE)}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    w = make_workdir(tmp_path_factory.mktemp("wf"), CONFIG)
-    r = snakemake(w, "--cores", "2")
-    assert r.returncode == 0, r.stderr[-4000:]
-    return w
 
 
 def test_lint_is_clean():
@@ -126,10 +86,43 @@ def test_mlflow_parent_with_one_finished_child_per_stage(workdir):
         assert run.data.params["cluster.resolutions"] == "[0.5, 1.0]"
         assert run.data.metrics["best_ari"] == pytest.approx(rec["metrics"]["best_ari"])
         assert {"cellatlas.config_hash", "cellatlas.git_commit"} <= set(run.data.tags)
-    artifacts = {a.path for a in _client(workdir).list_artifacts(parents[0].info.run_id)}
-    assert {"config.json", "summary.tsv", "models.tsv"} <= artifacts
-    per_task = {a.path for a in _client(workdir).list_artifacts(parents[0].info.run_id, "models/sim5k/cell_type")}
-    assert per_task == {"models/sim5k/cell_type/models.tsv"}
+    # stage tags follow the results/ folders; every run that read a dataset names it as an input
+    stages = {r.info.run_name: r.data.tags["cellatlas.stage"] for r in children}
+    assert stages["regress:sim5k/program/ridge"] == "regress" and stages["classify:sim5k/cell_type/mlp"] == "classify"
+    assert stages["train:sim5k/vae"] == "train" and stages["atlas:a/sim5k_q/latent"] == "atlas"
+    cluster = next(r for r in children if r.info.run_name == "cluster:sim5k")
+    (inp,) = cluster.inputs.dataset_inputs
+    assert inp.dataset.name == "sim5k" and json.loads(inp.dataset.source) == {"uri": "results/sim5k/embed.h5ad"}
+    from cellatlas.datasets import file_digest
+
+    assert inp.dataset.digest == file_digest(workdir / "results" / "sim5k" / "embed.h5ad")
+
+
+def test_the_parent_run_tells_the_invocations_story(workdir):
+    (parent,) = [r for r in _runs(workdir) if r.data.tags.get("cellatlas.kind") == "pipeline"]
+    client = _client(workdir)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.json", "summary.tsv", "models.tsv", "atlas.tsv", "runs.tsv"} <= artifacts
+    # headline metrics of every dataset, task and atlas method, equal to the tables
+    m = parent.data.metrics
+    summary = pd.read_csv(workdir / "results" / "summary.tsv", sep="\t").set_index("dataset")
+    for ds in CONFIG["datasets"]:
+        assert m[f"{ds}/best_ari"] == pytest.approx(summary.loc[ds, "best_ari"], abs=1e-4)
+    models = pd.read_csv(workdir / "results" / "models.tsv", sep="\t")
+    best = models[models.task == "cell_type"].sort_values("rank").iloc[0]
+    assert parent.data.tags["cellatlas.best.sim5k.cell_type"] == best["model"]
+    assert m["sim5k/cell_type/best_macro_f1"] == pytest.approx(best["macro_f1_mean"], abs=1e-4)
+    assert "sim5k/program/best_r2" in m and m["sim5k/cell_type/margin"] >= 0
+    for method in METHODS:
+        assert 0 <= m[f"atlas/a/sim5k_q/{method}/accuracy"] <= 1
+    # the table of the stage runs it used: every child, none reused in a first invocation
+    runs = pd.read_csv(client.download_artifacts(parent.info.run_id, "runs.tsv", str(workdir)), sep="\t")
+    children = {r.info.run_id for r in _runs(workdir) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(runs["run_id"]) == children and not runs["reused"].any()
+    # the summary tables name their runs and the config hash, floats rounded for reading
+    assert set(models["config_hash"]) == {parent.data.tags["cellatlas.config_hash"]}
+    assert models["run_id"].isin(children).all()
+    assert (models["macro_f1_mean"].dropna().round(4) == models["macro_f1_mean"].dropna()).all()
 
 
 def test_classify_models_are_evaluated_compared_and_logged(workdir):
@@ -151,8 +144,16 @@ def test_classify_models_are_evaluated_compared_and_logged(workdir):
     rec = json.loads((base / "run.json").read_text())
     run = _client(workdir).get_run(rec["run_id"])
     assert run.data.tags["cellatlas.split"] == "grouped" and run.data.tags["cellatlas.model"] == "logistic_regression"
-    history = _client(workdir).get_metric_history(rec["run_id"], "fold_macro_f1")
+    history = _client(workdir).get_metric_history(rec["run_id"], "fold/macro_f1")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert run.data.metrics["cv/macro_f1"] == pytest.approx(cls.loc["logistic_regression", "macro_f1_mean"], abs=1e-4)
+    # every model of every kind (scikit-learn or Lightning) reports the same metric names
+    names = {}
+    for model in ("logistic_regression", "knn", "mlp"):
+        r = _client(workdir).get_run(json.loads((base.parent / model / "run.json").read_text())["run_id"])
+        names[model] = {k for k in r.data.metrics if k.startswith(("cv/", "fold/"))}
+    assert names["knn"] == names["mlp"] == names["logistic_regression"] == {
+        f"{p}{m}{s}" for m in ("accuracy", "balanced_accuracy", "macro_f1") for p, s in (("cv/", ""), ("cv/", "_sd"), ("fold/", ""))}
     # the MLflow model and the declared model file are the same final model
     import joblib
 
@@ -161,8 +162,13 @@ def test_classify_models_are_evaluated_compared_and_logged(workdir):
     logged_model = mlflow.get_logged_model(run.data.tags["cellatlas.model_uri"].split("/")[-1])
     assert logged_model.experiment_id == run.info.experiment_id and logged_model.source_run_id == rec["run_id"]
     assert not (workdir / "mlruns").exists()  # everything under results/
+    assert logged_model.name == "sim5k-cell_type-logistic_regression"
     logged = mlflow.pyfunc.load_model(run.data.tags["cellatlas.model_uri"]).predict(cells)
     assert list(logged) == list(joblib.load(base / "model.joblib").predict(cells))
+    # the task's best model is in the Model Registry under a stable name; the alias loads it
+    best = cls.sort_values("rank").index[0]
+    registered = mlflow.pyfunc.load_model("models:/cellatlas.sim5k.cell_type@best").predict(cells)
+    assert list(registered) == list(joblib.load(base.parent / best / "model.joblib").predict(cells))
 
 
 def test_lightning_models_train_with_live_curves_in_mlflow(workdir):
@@ -170,15 +176,16 @@ def test_lightning_models_train_with_live_curves_in_mlflow(workdir):
     base = workdir / "results" / "sim5k" / "classify" / "cell_type" / "models" / "mlp"
     rec = json.loads((base / "run.json").read_text())
     run = client.get_run(rec["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["cellatlas.stage"] == "train"
+    assert run.info.status == "FINISHED" and run.data.tags["cellatlas.stage"] == "classify"
     assert run.data.params["trainer.precision"] == "auto" and run.data.params["model.params.max_epochs"] == "6"
     folds = pd.read_csv(base / "folds.tsv", sep="\t")
     assert len(folds) == 4 and folds["epochs"].between(1, 6).all() and folds["macro_f1"].gt(0.8).all()
-    for prefix, n_epochs in [(f"fold_{k}", e) for k, e in enumerate(folds["epochs"])] + [("final", None)]:
-        curve = client.get_metric_history(rec["run_id"], f"{prefix}/val_loss")
-        assert len(curve) == (n_epochs or len(curve)) and len(curve) >= 1, prefix
-        assert client.get_metric_history(rec["run_id"], f"{prefix}/train_loss")
-    assert "final_best_epoch" in run.data.metrics and "model.ckpt" in {a.path for a in client.list_artifacts(rec["run_id"])}
+    # the final fit's curves, the epoch as step (the folds' are in folds.tsv and the log)
+    curve = client.get_metric_history(rec["run_id"], "curve/val_loss")
+    assert sorted(c.step for c in curve) == list(range(len(curve))) and 1 <= len(curve) <= 6
+    assert client.get_metric_history(rec["run_id"], "curve/train_loss")
+    assert not [k for k in run.data.metrics if k.startswith(("fold_", "final"))]
+    assert "fit/best_epoch" in run.data.metrics and "model.ckpt" in {a.path for a in client.list_artifacts(rec["run_id"])}
     from cellatlas.deep.plans import ClassifierPlan
 
     assert ClassifierPlan.load_from_checkpoint(base / "model.ckpt").hparams.hidden == (64,)
@@ -188,7 +195,9 @@ def test_lightning_models_train_with_live_curves_in_mlflow(workdir):
     run = client.get_run(rec["run_id"])
     assert run.info.run_name == "train:sim5k/vae" and run.info.status == "FINISHED"
     history = pd.read_csv(vae / "history.tsv", sep="\t")
-    assert len(client.get_metric_history(rec["run_id"], "vae/val_loss")) == len(history) <= 8
+    assert len(client.get_metric_history(rec["run_id"], "curve/val_loss")) == len(history) <= 8
+    run = client.get_run(json.loads((vae / "cluster" / "run.json").read_text())["run_id"])
+    assert run.info.run_name == "train:sim5k/vae/cluster"
     emb = ad.read_h5ad(vae / "embedding.h5ad")
     assert emb.obsm["X_vae"].shape == (emb.n_obs, 8) and emb.obsm["X_umap_vae"].shape[1] == 2
     clusters = pd.read_csv(vae / "clusters.tsv", sep="\t")
@@ -213,9 +222,10 @@ def test_reruns_only_what_changed(workdir):
     try:
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
-        # the VAE's clusters are compared with the PCA's at the same resolutions; the atlas's VAE
-        # part follows it, and with it only the latent mapping
-        assert _jobs(r.stdout) == {"cluster", "train_vae", "atlas_reference_vae", "atlas_map", "atlas_compare",
+        # no training: the VAE's latent space is clustered again (its own job) and compared with the
+        # PCA's at the same resolutions; the atlas's VAE part is read from that file, and with it
+        # only the latent mapping reruns
+        assert _jobs(r.stdout) == {"cluster", "cluster_vae", "atlas_reference_vae", "atlas_map", "atlas_compare",
                                    "summary", "all"}
         assert "method=latent" in r.stdout and "method=projection" not in r.stdout
         changed = json.loads(json.dumps(CONFIG))
@@ -267,8 +277,9 @@ def test_queries_are_mapped_by_every_method_and_compared(workdir):
     assert run.data.params["best_model"] == table.loc["classifier", "model"]
     assert run.data.tags["cellatlas.atlas"] == "a" and run.data.tags["cellatlas.method"] == "classifier"
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
-    artifacts = {a.path for a in _client(workdir).list_artifacts(parent.info.run_id, "atlas/a/sim5k_q")}
-    assert artifacts == {"atlas/a/sim5k_q/comparison.tsv"}
+    assert parent.data.metrics["atlas/a/sim5k_q/classifier/accuracy"] == pytest.approx(table.loc["classifier", "accuracy"], abs=1e-4)
+    # best method first
+    assert list(table.sort_values("rank")["accuracy"]) == sorted(table["accuracy"], reverse=True)
 
 
 def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):

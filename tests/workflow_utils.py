@@ -39,3 +39,38 @@ def snakemake(workdir: Path, *args: str, timeout: float = 1200) -> subprocess.Co
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".snakemake" / "numba-cache"))
     cmd = [sys.executable, "-m", "snakemake", *args]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+#: the workflow tests' config: every stage on small data (the session's shared run, conftest.workdir)
+CONFIG = {
+    "datasets": {
+        "pbmc68k": {
+            "source": {"kind": "scanpy", "name": "pbmc68k_reduced"},
+            "matrix": "raw",
+            "values": "lognorm",
+            "label_key": "bulk_labels",
+        },
+        # 5,200 cells: more than the others, though scanpy keeps its exact kNN graph up to 8,192 (euclidean)
+        "sim5k": {
+            "source": {"kind": "simulate", "n_cells": 5200, "n_genes": 1500, "n_types": 5, "n_donors": 4,
+                       "n_batches": 2, "doublet_rate": 0.03, "batch_sd": 0.05, "donor_sd": 0.05, "program_genes": 20,
+                       "seed": 7},
+            "label_key": "cell_type",
+            "batch_key": "batch",
+            "donor_key": "donor",
+        },
+    },
+    "cluster": {"resolutions": [0.5, 1.0], "marker_resolution": 0.5, "marker_method": "t-test"},
+    "classify": {
+        "tasks": {"sim5k": {"cell_type": {"target": "label"}, "program": {"target": "program", "kind": "regression"}}},
+        "features": {"n_genes": 500, "n_pcs": 20},
+        "classifiers": {"logistic_regression": {"kind": "logistic_regression"}, "knn": {"kind": "knn", "input": "pca"},
+                        "mlp": {"kind": "mlp", "params": {"hidden": [64], "max_epochs": 6}}},
+        "regressors": {"ridge": {"kind": "ridge"}},
+    },
+    "train": {"embedding": {"datasets": ["sim5k"], "n_latent": 8, "max_epochs": 8}},
+    # sim5k is the reference; the query is one of its donors again, read as a dataset of its own
+    # (cells the reference holds: every method must label them as the reference does)
+    "atlas": {"atlases": {"a": {"reference": "sim5k", "queries": ["sim5k_q"]}}},
+}
+CONFIG["datasets"]["sim5k_q"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_3"]}}}

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 #: config keys that name or place an invocation, not what it computes (kept out of the hash and the diff)
 NOT_SCIENCE = ("run_name", "tracking")
+UNSET = "(unset)"
 #: the parent's tag listing the changed params
 TAG_CHANGES = "cellatlas.changes"
 
@@ -47,9 +48,9 @@ def previous_parent(client, experiment_id: str):
 
 
 def config_changes(before: Mapping[str, str], after: Mapping[str, str]) -> pd.DataFrame:
-    """Every flattened config key whose value differs: ``param``, ``before``, ``after`` ('' where absent)."""
+    """Every flattened config key whose value differs: ``param``, ``before``, ``after`` ('(unset)' where absent)."""
     keys = sorted(set(before) | set(after))
-    rows = [{"param": k, "before": before.get(k, ""), "after": after.get(k, "")} for k in keys
+    rows = [{"param": k, "before": before.get(k, UNSET), "after": after.get(k, UNSET)} for k in keys
             if before.get(k) != after.get(k)]
     return pd.DataFrame(rows, columns=["param", "before", "after"])
 
@@ -95,8 +96,8 @@ def headline_metrics(results: str | Path) -> tuple[dict[str, float], dict[str, s
     """The parent's metrics and tags, from the summary tables of ``results``.
 
     Per dataset: cells kept, best ARI (PCA and VAE), batch mixing; per task: the best model's
-    cross-validated primary metric, its margin over the next model (tag: which model); per atlas,
-    query and method: accuracy and unassigned share.
+    cross-validated primary metric, its margin over the next model (tag: which model) and every
+    model's; per atlas, query and method: accuracy and unassigned share.
     """
     results = Path(results)
     metrics: dict[str, float] = {}
@@ -120,6 +121,8 @@ def headline_metrics(results: str | Path) -> tuple[dict[str, float], dict[str, s
             if len(rows) > 1:
                 put(naming.headline(dataset, task, "margin"), best[f"{metric}_mean"] - rows.iloc[1][f"{metric}_mean"])
             tags[f"cellatlas.best.{dataset}.{task}"] = str(best["model"])
+            for row in rows.itertuples():  # every model's score: what moves between invocations
+                put(naming.headline(dataset, task, str(row.model), metric), getattr(row, f"{metric}_mean"))
     if (results / "atlas.tsv").exists():
         for row in pd.read_csv(results / "atlas.tsv", sep="\t").to_dict("records"):
             for col in ("accuracy", "unassigned_fraction"):
@@ -168,6 +171,9 @@ def end_parent(status: str = "FINISHED", *, results: str | Path = "results",
             for name in ("summary.tsv", "models.tsv", "atlas.tsv"):
                 if (results / name).exists():
                     client.log_artifact(run_id, str(results / name))
+            from cellatlas.views import save_views
+
+            save_views(client, client.get_run(run_id).info.experiment_id, metrics)
     finally:
         client.set_tag(run_id, naming.TAG_STATUS, status.lower())
         client.set_terminated(run_id, status=status)
@@ -178,14 +184,20 @@ def end_parent(status: str = "FINISHED", *, results: str | Path = "results",
 def orient(client, run_id: str, results: Path, metrics: Mapping[str, float], tags: Mapping[str, str], *,
            terminal) -> None:
     """Where to look next: the parent run, the UI command, the tables, a few headline figures."""
+    from cellatlas.views import view_url
+
     run = client.get_run(run_id)
     uri = os.environ.get(ENV_URI, "")
-    ui = ".venv/bin/cellatlas-ui   (then http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
+    local = uri.startswith("sqlite:")
+    base = "http://127.0.0.1:5000" if local else uri
     lines = [
         "",
         f"cellatlas: invocation '{run.info.run_name}' (MLflow run {run_id}, experiment "
         f"'{os.environ.get(ENV_EXPERIMENT, '')}') finished.",
-        f"  compare runs:  {ui}",
+        "  compare runs:  " + (".venv/bin/cellatlas-ui, then open" if local else "open"),
+        f"                 {view_url(base, run.info.experiment_id, 'cellatlas-models')}",
+        "                 (saved views: Invocations, Models by task, Atlas methods, Runs by stage;"
+        " .venv/bin/cellatlas-compare across invocations)",
         f"  tables:        {results / 'summary.tsv'}, {results / 'models.tsv'}, {results / 'atlas.tsv'}",
     ]
     if "cellatlas.changes" in run.data.tags:

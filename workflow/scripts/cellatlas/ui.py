@@ -17,6 +17,22 @@ def ui_command(db: Path, *, host: str, port: int) -> list[str]:
     return [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", host, "--port", str(port)]
 
 
+def view_lines(db: Path, base: str) -> list[str]:
+    """One line per saved view of each experiment: its title, what it answers, its link."""
+    import sqlite3
+
+    from cellatlas.views import VIEWS, view_url
+
+    with sqlite3.connect(db) as con:
+        experiments = con.execute("SELECT experiment_id, name FROM experiments WHERE name != 'Default'").fetchall()
+    lines = []
+    for exp_id, name in experiments:
+        lines.append(f"experiment '{name}':")
+        lines += [f"  {title} ({answers}):\n    {view_url(base, str(exp_id), key)}"
+                  for key, (title, answers) in VIEWS.items()]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     from cellatlas.store import relocate
 
@@ -30,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cellatlas-ui: no tracking store at {db}; run the pipeline first (make run)")
     relocate(db)
     cmd = ui_command(db, host=args.host, port=args.port)
-    print(f"cellatlas-ui: http://{args.host}:{args.port}  ({' '.join(cmd)})", file=sys.stderr)
+    print(f"cellatlas-ui: {' '.join(cmd)}", file=sys.stderr)
+    for line in view_lines(db, f"http://{args.host}:{args.port}"):
+        print(line, file=sys.stderr)
     os.execv(cmd[0], cmd)
 
 
