@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint ui clean
 
 $(BIN)/snakemake: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -v
+
+# the MLflow UI over results/ on 127.0.0.1:5000, with a link per saved view
+ui: install
+	$(BIN)/cellatlas-ui
 
 lint: install
 	$(BIN)/snakemake --lint

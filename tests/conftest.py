@@ -32,4 +32,5 @@ def workdir(tmp_path_factory):
     w = make_workdir(tmp_path_factory.mktemp("wf"), CONFIG)
     r = snakemake(w, "--cores", "2")
     assert r.returncode == 0, r.stderr[-4000:]
+    (w / "snakemake.out").write_text(r.stdout + r.stderr)
     return w

@@ -162,3 +162,16 @@ def test_a_moved_store_reads_and_writes_its_own_artifacts(tmp_path, env):
     assert client.get_run(run_id).info.artifact_uri.startswith(new.as_uri())
     assert [a.path for a in client.list_artifacts(run_id)] == ["a.txt"]
     assert client.get_experiment_by_name("t").artifact_location == (new / "mlflow-artifacts").as_uri()
+
+
+def test_a_folder_source_has_a_digest_of_its_files(tmp_path):
+    from cellatlas.datasets import file_digest
+
+    folder = tmp_path / "mtx"
+    folder.mkdir()
+    (folder / "matrix.mtx").write_text("1 2 3")
+    (folder / "barcodes.tsv").write_text("AAA")
+    before = file_digest(folder)
+    assert len(before) == 12 and file_digest(folder) == before
+    (folder / "barcodes.tsv").write_text("AAC")
+    assert file_digest(folder) != before

@@ -178,7 +178,7 @@ def test_data_parallel_training_starts_one_process_per_requested_device(run, ser
     assert job["rule"] == "train_vae" and job["state"] == "COMPLETED"
     assert re.search(r"TresPerJob=\S*gres[:/]gpu:2\b", scontrol(job["id"]))
     rec = json.loads((workdir / "results" / "sim" / "train" / "vae" / "run.json").read_text())
-    assert rec["metrics"]["processes"] == 2
+    assert rec["metrics"]["fit/processes"] == 2
     log = (workdir / "results" / "sim" / "logs" / "train_vae.log").read_text()
     assert "in 2 process(es)" in log
 

@@ -172,6 +172,9 @@ def test_classify_models_are_evaluated_compared_and_logged(workdir):
 
 
 def test_lightning_models_train_with_live_curves_in_mlflow(workdir):
+    # this machine has no GPU: the training jobs ask for none (under SLURM they ask for their GPUs)
+    out = (workdir / "snakemake.out").read_text()
+    assert "rule train_vae" in out and "gpu=1" not in out
     client = _client(workdir)
     base = workdir / "results" / "sim5k" / "classify" / "cell_type" / "models" / "mlp"
     rec = json.loads((base / "run.json").read_text())
@@ -203,11 +206,11 @@ def test_lightning_models_train_with_live_curves_in_mlflow(workdir):
     clusters = pd.read_csv(vae / "clusters.tsv", sep="\t")
     assert {"ari_vae", "ari_pca"} <= set(clusters.columns) and clusters["ari_vae"].max() > 0.7, clusters
     s = pd.read_csv(workdir / "results" / "summary.tsv", sep="\t").set_index("dataset")
-    assert s.loc["sim5k", "vae_best_ari"] == pytest.approx(clusters["ari_vae"].max())
+    assert s.loc["sim5k", "vae_best_ari"] == pytest.approx(clusters["ari_vae"].max(), abs=1e-4)
     # sim5k has two batches: both embeddings' batch mixing side by side in the run, and in the
     # summary (the PCA graph's from the cluster stage: the same graph, the same number)
     for metric, column in (("batch_mixing", "vae_batch_mixing"), ("batch_mixing_pca", "batch_mixing")):
-        assert 0 < run.data.metrics[metric] < 1.5 and s.loc["sim5k", column] == pytest.approx(run.data.metrics[metric])
+        assert 0 < run.data.metrics[metric] < 1.5 and s.loc["sim5k", column] == pytest.approx(run.data.metrics[metric], abs=1e-4)
     assert pd.isna(s.loc["pbmc68k", "batch_mixing"])  # no batches
     for png in ("umap.png", "curves.png"):
         assert (vae / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -273,7 +276,7 @@ def test_queries_are_mapped_by_every_method_and_compared(workdir):
     assert len(agreement) == 3 and agreement["same_label"].between(0, 1).all()
     runs = {r.info.run_name: r for r in _runs(workdir)}
     run = runs["atlas:a/sim5k_q/classifier"]
-    assert run.data.metrics["accuracy"] == pytest.approx(table.loc["classifier", "accuracy"])
+    assert run.data.metrics["accuracy"] == pytest.approx(table.loc["classifier", "accuracy"], abs=1e-4)
     assert run.data.params["best_model"] == table.loc["classifier", "model"]
     assert run.data.tags["cellatlas.atlas"] == "a" and run.data.tags["cellatlas.method"] == "classifier"
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
@@ -382,14 +385,15 @@ def test_bad_classify_targets_fail_cleanly(tmp_path):
     r = snakemake(w, "--cores", "2", "--keep-going")
     assert r.returncode != 0
     lines = {line for line in r.stderr.splitlines() if line.startswith("cellatlas error")}
-    assert "cellatlas error in stage classify_split: dataset 'one', task 'celltype': target 'label' has 1 class " \
+    assert "cellatlas error in stage classify: dataset 'one', task 'celltype': target 'label' has 1 class " \
            "with enough cells ('type_0'); at least 2 are needed" in lines, r.stderr[-3000:]
-    assert any(line.startswith("cellatlas error in stage classify_split: dataset 'one', task 'batch_size': "
+    # the stage is the results/ folder: a regression task's errors are the regress stage's
+    assert any(line.startswith("cellatlas error in stage regress: dataset 'one', task 'batch_size': "
                                "regression target 'batch' is not numeric") for line in lines), lines
     for kind, task in (("classify", "celltype"), ("regress", "batch_size")):
         assert not (w / "results" / "one" / kind / task / "folds.tsv.gz").exists()
     runs = {r.info.run_name: r for r in _runs(w)}
-    assert runs["classify_split:one/classify/celltype"].info.status == "FAILED"
+    assert runs["classify:one/celltype/split"].info.status == "FAILED"
     assert all(r.info.status != "RUNNING" for r in runs.values())
 
 

@@ -109,6 +109,22 @@ def test_a_copied_results_folder_shows_its_artifacts_and_writes_only_into_itself
     assert model.metadata.run_id
 
 
+def test_the_html_report_has_an_overview_captions_tables_and_versions(two_invocations):
+    workdir = two_invocations[0]
+    r = snakemake(workdir, "--report", "report.html")
+    assert r.returncode == 0, r.stderr[-3000:]
+    html = (workdir / "report.html").read_text()
+    assert "Start with <strong>Summary</strong>" in html  # the overview page
+    for caption in ("Pooled out-of-fold confusion matrix", "Marker genes of the Leiden clusters of",
+                    "Training and validation loss per epoch of the VAE", "query cells placed in the reference UMAP"):
+        assert caption in html, caption
+    # the summary tables as HTML pages, which the report shows inline (a TSV would only download)
+    for table in ("summary.html", "models.html", "atlas.html", "versions.html"):
+        assert f"results/report/{table}" in html
+    versions = (workdir / "results" / "report" / "versions.html").read_text()
+    assert "<td>scanpy</td>" in versions and "<td>mlflow</td>" in versions
+
+
 # -- the browser -----------------------------------------------------------------------------------
 
 
@@ -233,3 +249,10 @@ def test_the_compare_view_of_two_invocations_shows_the_param_and_the_metrics(pag
     text = _open(page, f"/#/compare-runs?runs={runs}&experiments={exp}", wait_for="Run details", shot="compare")
     assert "knn7" in text and first.info.run_name in text
     assert CHANGED in text and "sim5k/cell_type/knn/macro_f1" in text
+    for toggle in page.get_by_text("Show diff only").all():  # what differs, params and metrics
+        toggle.click()
+    page.wait_for_timeout(1000)
+    page.get_by_text("Parameters", exact=True).first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "compare-diff.png"), full_page=True)
+    text = page.inner_text("body")
+    assert CHANGED in text and "sim5k/cell_type/knn/macro_f1" in text and "seed" not in text.split("Parameters")[1][:400]

@@ -219,10 +219,11 @@ def get_final_outputs():
     ]
 
 
-def get_train_gpus():
+def get_train_gpus(wildcards):
     """GPUs a training job asks for: one per device of train.trainer (none when it trains on the CPU).
 
-    Under SLURM this is the job's --gpus; a local run does not count it against anything.
+    Under SLURM this is the job's --gpus. A local run on a machine without an NVIDIA driver asks
+    for none (the job trains on the CPU). Evaluated per job, once the executor is known.
     """
     from cellatlas.deep.devices import requested_devices
 
@@ -230,7 +231,7 @@ def get_train_gpus():
     if trainer["accelerator"] == "cpu":
         return 0
     if not workflow.non_local_exec and shutil.which("nvidia-smi") is None:
-        return 0  # a local run on a machine without an NVIDIA driver: the job will train on the CPU
+        return 0
     return requested_devices(trainer["devices"]) or 1
 
 

@@ -2,7 +2,7 @@
 # comparison table as the scikit-learn models, but trained by Lightning and allowed a GPU. The
 # VAE learns an embedding of a dataset's counts, clustered and compared with the PCA one.
 # Both ask for one GPU per train.trainer device: under the SLURM profile that sends them to a GPU
-# partition; a local run (no --resources gpu=...) does not limit it and Lightning takes what is there.
+# partition; a local run asks for none where there is no NVIDIA driver, and Lightning takes what is there.
 
 
 rule train_mlp:
@@ -35,7 +35,7 @@ rule train_mlp:
         seed=config["seed"],
     threads: 4
     resources:
-        gpu=get_train_gpus(),
+        gpu=get_train_gpus,
     log:
         "results/{dataset}/logs/classify/{task}/{model}.log",
     benchmark:
@@ -66,7 +66,7 @@ rule train_vae:
         seed=config["seed"],
     threads: 4
     resources:
-        gpu=get_train_gpus(),
+        gpu=get_train_gpus,
     log:
         "results/{dataset}/logs/train_vae.log",
     benchmark:

@@ -12,6 +12,9 @@ from typing import Any
 from cellatlas import keys, plotting
 from cellatlas.stage import DatasetInput, Result, plot
 
+#: QC removing more than this share of a dataset's cells is said on the terminal
+NOTE_QC_SHARE = 0.05
+
 
 def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None, output: str) -> Result:
     from cellatlas.ingest import canonicalize, read_source, subset
@@ -39,7 +42,12 @@ def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Res
     )
     cells = res.cells.copy()
     cells.index.name = "cell"
-    return Result(
+    removed = res.summary["cells_in"] - res.summary["cells_kept"]
+    notes = []
+    if removed > NOTE_QC_SHARE * res.summary["cells_in"]:  # worth a look: rare types go first
+        notes.append(f"dataset '{dataset}': QC removed {removed} of {res.summary['cells_in']} cells "
+                     f"({removed / res.summary['cells_in']:.1%}); see qc/thresholds.tsv and qc/cells.tsv.gz")
+    return Result(notes=notes,
         metrics=res.summary, data={"h5ad": res.adata}, tables={"thresholds": res.thresholds, "cells": cells.reset_index()},
         figures={
             "histograms": plot(plotting.qc_histograms, res.cells, res.thresholds,

@@ -15,11 +15,17 @@ CHUNK = 1 << 22
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
-    """The first ``length`` hex digits of the sha256 of a file's bytes."""
+    """The first ``length`` hex digits of the sha256 of a file's bytes; of a folder (a Cell Ranger
+    matrix folder), of its files' relative paths and bytes, in sorted order."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            h.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            while block := fh.read(CHUNK):
+                h.update(block)
     return h.hexdigest()[:length]
 
 

@@ -28,8 +28,8 @@ log = logging.getLogger("cellatlas")
 _NOISE = (
     r".*Tip: For seamless cloud uploads.*",  # Lightning's advert, once per fit
     r".*litlogger.*",
-    r".*Saving a model.*pickle.*",  # MLflow on every cloudpickled model: the README says why once
     r".*`torch.cuda.amp.*",
+    r".*LeafSpec.*is deprecated.*",  # torch's pytree API as Lightning 2.6 calls it, once per fit
     r".*does not have many workers.*",  # the data path batches in bulk; workers would only copy
 )
 
@@ -40,6 +40,9 @@ def _silence_noise() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage()
                                           and "Tip:" not in record.getMessage())
+    # MLflow on every cloudpickled model; the README says once why models are pickled
+    for name in ("mlflow.sklearn", "mlflow.pytorch"):
+        logging.getLogger(name).addFilter(lambda record: "pickle" not in record.getMessage())
 
 
 def _setup_logging(log_path: str):

@@ -37,7 +37,6 @@ def view_states(headline: Iterable[str]) -> dict[str, dict]:
     headline = [m for suffix in order for m in sorted(headline) if m.endswith(suffix)]
     kind = f"tags.`{naming.TAG_KIND}`"
     step = f"tags.`{naming.TAG_STEP}`"
-    stage = f"tags.`{naming.TAG_STAGE}`"
     cv = [naming.cv_mean(m) for m in ("macro_f1", "r2")] + [naming.cv_sd(m) for m in ("macro_f1", "r2")]
     atlas = ("accuracy", "balanced_accuracy", "macro_f1", "unassigned_fraction", "unassigned_novel", "mean_confidence")
     return {
