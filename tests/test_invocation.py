@@ -15,7 +15,8 @@ from cellatlas.runner import log_result, write_result
 from cellatlas.stage import DatasetInput, Model, Result, check_outputs, plot
 from cellatlas.store import relocate
 
-ENV = (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT)
+ENV = (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT,
+       tracking.ENV_INVOCATION)
 
 
 @pytest.fixture
@@ -88,6 +89,7 @@ def test_one_naming_scheme_for_cross_validated_models(tmp_path, env):
     assert r.data.metrics["cv/accuracy_sd"] == 0
     assert [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "fold/macro_f1")] == [
         (0, 0.8), (1, 0.9), (2, 1.0)]
+    assert r.data.tags["cellatlas.invocation"].startswith("pipeline-")  # which invocation made it
     assert r.data.tags["cellatlas.split"] == "grouped" and "folds.tsv" in {a.path for a in client.list_artifacts(r.info.run_id)}
     (inp,) = r.inputs.dataset_inputs
     assert inp.dataset.name == "sim" and json.loads(inp.dataset.source) == {"uri": str(data)}

@@ -14,7 +14,8 @@ def store(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     parent = invocation.start_parent(uri=uri, experiment="t", config={"a": {"b": [1, 2]}}, workdir=tmp_path)
     # start_parent exported these into os.environ for the jobs; let monkeypatch undo them
-    for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT):
+    for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH, tracking.ENV_GIT_COMMIT,
+                tracking.ENV_INVOCATION):
         monkeypatch.setenv(var, os.environ[var])
     return uri, parent, MlflowClient(uri)
 

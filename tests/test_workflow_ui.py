@@ -219,6 +219,7 @@ def test_models_are_grouped_by_task_and_ranked(page, two_invocations):
     for model in ("logistic_regression", "knn", "mlp"):
         assert f"classify:sim5k/cell_type/{model}" in text
     assert "cv/macro_f1" in text and "cv/r2" in text
+    assert "cellatlas.invocation" in text and "knn7" in text  # which invocation made each model's run
 
 
 def test_runs_grouped_by_stage(page, two_invocations):

@@ -23,7 +23,7 @@ import pandas as pd
 from cellatlas import naming
 from cellatlas.store import relocate, sqlite_path
 from cellatlas.tracking import (
-    ENV_CONFIG_HASH, ENV_EXPERIMENT, ENV_GIT_COMMIT, ENV_PARENT, ENV_URI, _client, _experiment_id, check_server,
+    ENV_CONFIG_HASH, ENV_EXPERIMENT, ENV_GIT_COMMIT, ENV_INVOCATION, ENV_PARENT, ENV_URI, _client, _experiment_id, check_server,
     common_tags, config_hash, flatten, git_commit,
 )
 
@@ -69,8 +69,10 @@ def start_parent(*, uri: str, experiment: str, config: Mapping[str, Any], workdi
     exp_id = _experiment_id(client, experiment, uri)
     previous = previous_parent(client, exp_id)
     params = flatten(science(config))
+    name = config.get("run_name") or f"pipeline-{chash}"
+    os.environ[ENV_INVOCATION] = name
     tags = {**common_tags(), naming.TAG_KIND: "pipeline", naming.TAG_STATUS: "running", naming.TAG_STAGE: "pipeline"}
-    run = client.create_run(exp_id, run_name=config.get("run_name") or f"pipeline-{chash}", tags=tags)
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
 

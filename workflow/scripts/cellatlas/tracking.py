@@ -39,6 +39,7 @@ ENV_PARENT = "CELLATLAS_PARENT_RUN_ID"
 ENV_EXPERIMENT = "CELLATLAS_EXPERIMENT"
 ENV_CONFIG_HASH = "CELLATLAS_CONFIG_HASH"
 ENV_GIT_COMMIT = "CELLATLAS_GIT_COMMIT"
+ENV_INVOCATION = "CELLATLAS_INVOCATION"
 ENV_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "cellatlas"
 
@@ -174,6 +175,8 @@ def common_tags() -> dict[str, str]:
         "cellatlas.git_commit": os.environ.get(ENV_GIT_COMMIT, "unknown"),
         "cellatlas.host": socket.gethostname(),
     }
+    if os.environ.get(ENV_INVOCATION):  # the parent's name: which invocation made this run
+        tags["cellatlas.invocation"] = os.environ[ENV_INVOCATION]
     if "SLURM_JOB_ID" in os.environ:
         tags["cellatlas.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return tags

@@ -53,7 +53,8 @@ def view_states(headline: Iterable[str]) -> dict[str, dict]:
                                         {"mode": "tag", "groupByData": "cellatlas.task"}]},
             "groupsExpanded": {},
             "selectedColumns": [_column("tags", "cellatlas.model"), *[_column("metrics", m) for m in cv],
-                                _column("tags", "cellatlas.model_kind"), _column("tags", "cellatlas.split")],
+                                _column("tags", "cellatlas.invocation"), _column("tags", "cellatlas.model_kind"),
+                                _column("tags", "cellatlas.split")],
         },
         "cellatlas-scores": {
             "searchFilter": f"{step} = 'model'", "orderByKey": "attributes.start_time", "orderByAsc": True,
@@ -62,19 +63,22 @@ def view_states(headline: Iterable[str]) -> dict[str, dict]:
                         "groupByKeys": [{"mode": "tag", "groupByData": naming.TAG_DATASET},
                                         {"mode": "tag", "groupByData": "cellatlas.task"}]},
             "useGroupedValuesInCharts": False,
-            "selectedColumns": [_column("tags", "cellatlas.model"), *[_column("metrics", m) for m in cv]],
+            "selectedColumns": [_column("tags", "cellatlas.model"), *[_column("metrics", m) for m in cv],
+                                _column("tags", "cellatlas.invocation")],
         },
         "cellatlas-atlas": {
             "searchFilter": f"{step} = 'map'", "orderByKey": _column("metrics", "accuracy"), "orderByAsc": False,
             "groupBy": {"aggregateFunction": "max",
                         "groupByKeys": [{"mode": "tag", "groupByData": "cellatlas.atlas"},
                                         {"mode": "tag", "groupByData": naming.TAG_DATASET}]},
-            "selectedColumns": [_column("tags", "cellatlas.method"), *[_column("metrics", m) for m in atlas]],
+            "selectedColumns": [_column("tags", "cellatlas.method"), *[_column("metrics", m) for m in atlas],
+                                _column("tags", "cellatlas.invocation")],
         },
         "cellatlas-stages": {
             "searchFilter": f"{kind} = 'stage'", "orderByKey": "attributes.start_time", "orderByAsc": True,
             "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": naming.TAG_STAGE}]},
-            "selectedColumns": [_column("attributes", "Dataset"), _column("tags", naming.TAG_STEP)],
+            "selectedColumns": [_column("attributes", "Dataset"), _column("tags", naming.TAG_STEP),
+                                _column("tags", "cellatlas.invocation")],
         },
     }
 
