@@ -41,7 +41,7 @@ VARIANTS = {
 def configs() -> dict[str, tuple[dict, str, list[int]]]:
     """name -> (pipeline config, dataset, epochs to train). The workflow test's config is imported,
     not copied, so that these figures describe what the test runs."""
-    from test_workflow import CONFIG
+    from workflow_utils import CONFIG
 
     default = yaml.safe_load((HERE.parent / "config" / "demo.yaml").read_text())
     return {"default run": (default, "sim", [int(default["train"]["embedding"]["max_epochs"])]),

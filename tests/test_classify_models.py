@@ -17,6 +17,7 @@ from cellatlas.classify.models import KINDS, check_params, make_estimator
 from cellatlas.classify.splits import make_folds
 from cellatlas.classify.train import compare_stage, model_pipeline, model_stage
 from cellatlas.runner import write_result
+from cellatlas.stage import check_outputs
 
 FEATURES = {"genes": "hvg", "n_genes": 300, "scale": True, "n_pcs": 20}
 IMPORTANCE = {"n_genes": 10, "max_cells": 200, "n_repeats": 2, "candidates": 20}
@@ -208,7 +209,7 @@ def _write_task(sim, tmp_path, *, target, kind, scheme="grouped"):
 
 
 @pytest.mark.parametrize("kind", [keys.CLASSIFICATION, keys.REGRESSION])
-def test_train_model_writes_every_output_and_is_deterministic(sim, tmp_path, kind):
+def test_model_stage_gives_every_output_and_is_deterministic(sim, tmp_path, kind):
     target = "cell_type" if kind == keys.CLASSIFICATION else "program"
     model = {"kind": "logistic_regression" if kind == keys.CLASSIFICATION else "ridge", "input": "genes", "params": {}}
     sim = sim.copy()
@@ -226,7 +227,8 @@ def test_train_model_writes_every_output_and_is_deterministic(sim, tmp_path, kin
         result = model_stage(h5ad=str(h5ad), folds=str(tmp_path / "folds.tsv.gz"), meta=str(tmp_path / "task.json"),
                              dataset="sim", task="t", model_name="m", model=model,
                              features=FEATURES, importance=IMPORTANCE, seed=0)
-        write_result(result, outputs)  # every declared output has its entry (the runner checks it)
+        check_outputs(result, {**outputs, "run": "run.json"}, where="test")  # one entry per declared output
+        write_result(result, outputs)
         results.append((result, outputs))
     (s1, o1), (s2, o2) = results
     metrics = keys.CLASSIFICATION_METRICS if kind == keys.CLASSIFICATION else keys.REGRESSION_METRICS
@@ -252,7 +254,7 @@ def test_train_model_writes_every_output_and_is_deterministic(sim, tmp_path, kin
         assert {f"prob_{c}" for c in per_class["class"]} <= set(pred.columns)
 
 
-def test_compare_models_writes_tables_naming_split_and_test(sim, tmp_path):
+def test_compare_stage_gives_tables_naming_split_and_test(sim, tmp_path):
     _write_task(sim, tmp_path, target="cell_type", kind=keys.CLASSIFICATION)
     paths = {}
     for m, p in (("a", [0.9, 0.91, 0.92]), ("b", [0.5, 0.52, 0.51])):

@@ -20,17 +20,13 @@ ENV = (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.
 
 
 @pytest.fixture
-def env(monkeypatch):
-    """start_parent exports the run ids for the jobs; monkeypatch undoes it after each test."""
+def env():
+    """start_parent exports the run ids for the jobs; each test starts without them and leaves none."""
+    saved = {var: os.environ.pop(var) for var in ENV if var in os.environ}
+    yield
     for var in ENV:
-        monkeypatch.delenv(var, raising=False)
-
-    def keep():
-        for var in ENV:
-            if var in os.environ:
-                monkeypatch.setenv(var, os.environ[var])
-
-    return keep
+        os.environ.pop(var, None)
+    os.environ.update(saved)
 
 
 def test_every_output_gets_exactly_one_entry():
@@ -72,7 +68,6 @@ def test_the_runner_writes_each_entry_to_its_output(tmp_path):
 def test_one_naming_scheme_for_cross_validated_models(tmp_path, env):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     invocation.start_parent(uri=uri, experiment="t", config={"seed": 0}, workdir=tmp_path)
-    env()
     data = tmp_path / "normalize.h5ad"
     data.write_bytes(b"cells")
     result = Result(metrics={"split": "grouped", "time/cv_fit_seconds": 2.0},
@@ -107,14 +102,12 @@ def test_the_parent_records_changes_headlines_and_reuse(tmp_path, env):
     pd.DataFrame({"dataset": ["d", "d"], "task": ["t", "t"], "kind": ["classification"] * 2, "model": ["a", "b"],
                   "rank": [1, 2], "macro_f1_mean": [0.9, 0.7]}).to_csv(results / "models.tsv", sep="\t", index=False)
     first = invocation.start_parent(uri=uri, experiment="t", config={"k": {"n": 1}, "seed": 0}, workdir=tmp_path)
-    env()
     record = tmp_path / "qc" / "run.json"
     with tracking.stage_run("qc", "d", params={}, record=record):
         pass
     invocation.end_parent("FINISHED", results=results, records=[record])
     second = invocation.start_parent(uri=uri, experiment="t", config={"k": {"n": 2}, "seed": 0, "run_name": "two"},
                                      workdir=tmp_path)
-    env()
     invocation.end_parent("FINISHED", results=results, records=[record])
     client = MlflowClient(uri)
     one, two = client.get_run(first), client.get_run(second)
@@ -149,7 +142,6 @@ def test_a_moved_store_reads_and_writes_its_own_artifacts(tmp_path, env):
     old.mkdir(parents=True)
     uri = f"sqlite:///{old / 'mlflow.db'}"
     invocation.start_parent(uri=uri, experiment="t", config={"seed": 0}, workdir=tmp_path)
-    env()
     (tmp_path / "a.txt").write_text("artifact")
     with tracking.stage_run("qc", "d", params={}, record=tmp_path / "run.json") as run:
         run.log_artifact(tmp_path / "a.txt")
@@ -177,3 +169,21 @@ def test_a_folder_source_has_a_digest_of_its_files(tmp_path):
     assert len(before) == 12 and file_digest(folder) == before
     (folder / "barcodes.tsv").write_text("AAC")
     assert file_digest(folder) != before
+
+
+def test_headlines_come_only_from_tables_this_configuration_made(tmp_path):
+    pd.DataFrame({"dataset": ["d"], "best_ari": [0.5], "config_hash": ["old"]}).to_csv(tmp_path / "summary.tsv",
+                                                                                       sep="\t", index=False)
+    assert invocation.headline_metrics(tmp_path, "new") == ({}, {})  # a partial run reports no stale figures
+    assert invocation.headline_metrics(tmp_path, "old")[0] == {"d/best_ari": 0.5}
+
+
+def test_a_config_the_tracker_refuses_fails_in_one_line_and_leaves_no_run_running(tmp_path, env):
+    from cellatlas.errors import TrackingError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(TrackingError, match=r"^the invocation's parent run could not record the config in sqlite"):
+        invocation.start_parent(uri=uri, experiment="t", config={"subset": {"pct(mt)": 1}}, workdir=tmp_path)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FAILED" and tracking.ENV_PARENT not in os.environ

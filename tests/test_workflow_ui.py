@@ -73,10 +73,15 @@ def test_a_second_invocation_records_what_changed_and_reuses_the_rest(two_invoca
     assert "gpu=1" not in out  # no GPU asked for on a machine without one
 
 
+def _user_env():
+    """The environment of a user's shell: no tracking variables of the test session's own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CELLATLAS_"))}
+
+
 def test_the_compare_command_shows_the_change_and_the_metrics_that_moved(two_invocations, tmp_path):
     workdir, first, second, _ = two_invocations
     r = subprocess.run([sys.executable, "-m", "cellatlas.compare_runs", "--results", str(workdir / "results"),
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=_user_env())
     assert r.returncode == 0, r.stderr
     assert CHANGED in r.stdout and "knn7" in r.stdout and "sim5k/cell_type/knn/macro_f1" in r.stdout
     table = pd.read_csv(tmp_path / "comparison.tsv", sep="\t").set_index("invocation")
@@ -85,7 +90,8 @@ def test_the_compare_command_shows_the_change_and_the_metrics_that_moved(two_inv
     assert table.loc["knn7", "changed"] == f"{CHANGED}: (unset) -> 7"
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chosen = subprocess.run([sys.executable, "-m", "cellatlas.compare_runs", "sim5k/*ari", "--results",
-                             str(workdir / "results"), "--out", str(tmp_path / "ari")], capture_output=True, text=True)
+                             str(workdir / "results"), "--out", str(tmp_path / "ari")], capture_output=True, text=True,
+                            env=_user_env())
     assert chosen.returncode == 0 and "sim5k/best_ari" in chosen.stdout and "knn/macro_f1" not in chosen.stdout
 
 
@@ -157,7 +163,7 @@ def ui(two_invocations):
     port = _free_port()
     log = open(workdir / "ui.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "cellatlas.ui", "--results", str(workdir / "results"),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=_user_env())
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

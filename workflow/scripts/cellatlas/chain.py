@@ -16,7 +16,7 @@ from cellatlas.stage import DatasetInput, Result, plot
 NOTE_QC_SHARE = 0.05
 
 
-def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None, output: str) -> Result:
+def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None) -> Result:
     from cellatlas.ingest import canonicalize, read_source, subset
 
     adata = read_source(dataset, spec["source"], path=path)
@@ -25,10 +25,10 @@ def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None, out
         label_key=spec["label_key"], batch_key=spec["batch_key"], donor_key=spec["donor_key"], path=path,
     )
     adata = subset(adata, dataset, **spec.get("subset", {}))
-    # the source file where there is one; else what was read from scanpy or simulated
-    source = DatasetInput(dataset, path, context="source") if path else DatasetInput(dataset, output, context="ingested")
+    # the source file where there is one (a simulated or scanpy-shipped source has none; the qc
+    # run names the ingested file)
     return Result(metrics={"n_cells": adata.n_obs, "n_genes": adata.n_vars, "nnz": adata.X.nnz, "values": spec["values"]},
-                  data={"h5ad": adata}, inputs=[source])
+                  data={"h5ad": adata}, inputs=[DatasetInput(dataset, path, context="source")] if path else [])
 
 
 def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Result:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("metrics", nargs="*", help="metric names or globs ('sim/*', '*/best_macro_f1'); "
                                                    "default: every metric that differs between invocations")
     parser.add_argument("--results", default="results", help="results folder with the SQLite store (default: results)")
-    parser.add_argument("--tracking-uri", help="a tracking server or store instead of the results folder's")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="a tracking server or store (default: $MLFLOW_TRACKING_URI, else the results folder's)")
     parser.add_argument("--experiment", default="cellatlas")
     parser.add_argument("--out", help="folder for comparison.tsv and comparison.png (default: <results>/compare)")
     args = parser.parse_args(argv)
@@ -100,6 +102,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"cellatlas-compare: no tracking store at {db}; run the pipeline first")
         relocate(db)
         uri = f"sqlite:///{db}"
+    from cellatlas.errors import CellAtlasError
+    from cellatlas.tracking import check_server
+
+    try:
+        check_server(uri)
+    except CellAtlasError as e:
+        raise SystemExit(f"cellatlas-compare: {e}") from None
     runs = invocations(MlflowClient(uri), args.experiment)
     if not runs:
         raise SystemExit(f"cellatlas-compare: no finished invocation in experiment '{args.experiment}'")

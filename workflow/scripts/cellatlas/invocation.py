@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from cellatlas import naming
+from cellatlas.errors import TrackingError
 from cellatlas.store import relocate, sqlite_path
 from cellatlas.tracking import (
     ENV_CONFIG_HASH, ENV_EXPERIMENT, ENV_GIT_COMMIT, ENV_INVOCATION, ENV_PARENT, ENV_URI, _client, _experiment_id, check_server,
@@ -74,28 +75,43 @@ def start_parent(*, uri: str, experiment: str, config: Mapping[str, Any], workdi
     tags = {**common_tags(), naming.TAG_KIND: "pipeline", naming.TAG_STATUS: "running", naming.TAG_STAGE: "pipeline"}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
+    os.environ[ENV_PARENT] = run_id
     from mlflow.entities import Param
 
-    items = list(params.items())
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
-    client.log_dict(run_id, dict(config), "config.json")
-    if previous is not None:
-        changes = config_changes(previous.data.params, params)
-        client.set_tag(run_id, "cellatlas.previous_run", f"{previous.info.run_name} ({previous.info.run_id})")
-        client.set_tag(run_id, TAG_CHANGES, "; ".join(f"{r.param}: {r.before} -> {r.after}" for r in
-                                                      changes.itertuples())[:4900] or "nothing")
-        client.log_text(run_id, changes.to_csv(sep="\t", index=False), "changes.tsv")
-    os.environ[ENV_PARENT] = run_id
+    try:
+        items = list(params.items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+        client.log_dict(run_id, dict(config), "config.json")
+        if previous is not None:
+            changes = config_changes(previous.data.params, params)
+            client.set_tag(run_id, "cellatlas.previous_run", f"{previous.info.run_name} ({previous.info.run_id})")
+            client.set_tag(run_id, TAG_CHANGES, "; ".join(f"{r.param}: {r.before} -> {r.after}" for r in
+                                                          changes.itertuples())[:4900] or "nothing")
+            client.log_text(run_id, changes.to_csv(sep="\t", index=False), "changes.tsv")
+    except Exception as e:  # no job starts: the parent must not stay RUNNING (onerror is not called)
+        client.set_tag(run_id, naming.TAG_STATUS, "failed")
+        client.set_terminated(run_id, status="FAILED")
+        del os.environ[ENV_PARENT]
+        message = " ".join(str(e).split())[:500]
+        raise TrackingError(f"the invocation's parent run could not record the config in {uri}: {message}") from None
     return run_id
 
 
-def _round(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
-    return table.round({c: digits for c in table.columns if table[c].dtype.kind == "f"})
+def _current(path: Path, config_hash: str | None) -> pd.DataFrame | None:
+    """The table at ``path`` if this configuration made it (its ``config_hash`` column), else None:
+    an invocation that stopped short of the summary (a partial target) reports no earlier figures."""
+    if not path.exists():
+        return None
+    table = pd.read_csv(path, sep="\t")
+    if config_hash and "config_hash" in table and not (table["config_hash"].astype(str) == config_hash).all():
+        return None
+    return table
 
 
-def headline_metrics(results: str | Path) -> tuple[dict[str, float], dict[str, str]]:
-    """The parent's metrics and tags, from the summary tables of ``results``.
+def headline_metrics(results: str | Path, config_hash: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent's metrics and tags, from the summary tables of ``results`` (4 decimals, as the
+    tables show them; the stage runs keep every digit), where ``config_hash`` made them.
 
     Per dataset: cells kept, best ARI (PCA and VAE), batch mixing; per task: the best model's
     cross-validated primary metric, its margin over the next model (tag: which model) and every
@@ -109,12 +125,11 @@ def headline_metrics(results: str | Path) -> tuple[dict[str, float], dict[str, s
         if value is not None and pd.notna(value):
             metrics[key] = float(value)
 
-    if (results / "summary.tsv").exists():
-        for row in pd.read_csv(results / "summary.tsv", sep="\t").to_dict("records"):
+    if (summary := _current(results / "summary.tsv", config_hash)) is not None:
+        for row in summary.to_dict("records"):
             for col in ("cells_kept", "best_ari", "vae_best_ari", "batch_mixing", "vae_batch_mixing"):
                 put(naming.headline(row["dataset"], col), row.get(col))
-    if (results / "models.tsv").exists():
-        models = pd.read_csv(results / "models.tsv", sep="\t")
+    if (models := _current(results / "models.tsv", config_hash)) is not None:
         for (dataset, task), rows in models.groupby(["dataset", "task"], sort=True):
             rows = rows.sort_values("rank")
             metric = "macro_f1" if rows["kind"].iloc[0] == "classification" else "r2"
@@ -125,8 +140,8 @@ def headline_metrics(results: str | Path) -> tuple[dict[str, float], dict[str, s
             tags[f"cellatlas.best.{dataset}.{task}"] = str(best["model"])
             for row in rows.itertuples():  # every model's score: what moves between invocations
                 put(naming.headline(dataset, task, str(row.model), metric), getattr(row, f"{metric}_mean"))
-    if (results / "atlas.tsv").exists():
-        for row in pd.read_csv(results / "atlas.tsv", sep="\t").to_dict("records"):
+    if (atlases := _current(results / "atlas.tsv", config_hash)) is not None:
+        for row in atlases.to_dict("records"):
             for col in ("accuracy", "unassigned_fraction"):
                 put(naming.headline("atlas", row["atlas"], row["query"], row["method"], col), row.get(col))
     return metrics, tags
@@ -161,7 +176,7 @@ def end_parent(status: str = "FINISHED", *, results: str | Path = "results",
         if status == "FINISHED":
             from mlflow.entities import Metric
 
-            metrics, tags = headline_metrics(results)
+            metrics, tags = headline_metrics(results, os.environ.get(ENV_CONFIG_HASH))
             items = [Metric(k, v, 0, 0) for k, v in sorted(metrics.items())]
             for start in range(0, len(items), 1000):
                 client.log_batch(run_id, metrics=items[start:start + 1000])
@@ -198,8 +213,8 @@ def orient(client, run_id: str, results: Path, metrics: Mapping[str, float], tag
         f"'{os.environ.get(ENV_EXPERIMENT, '')}') finished.",
         "  compare runs:  " + (".venv/bin/cellatlas-ui, then open" if local else "open"),
         f"                 {view_url(base, run.info.experiment_id, 'cellatlas-models')}",
-        "                 (saved views: Invocations, Models by task, Atlas methods, Runs by stage;"
-        " .venv/bin/cellatlas-compare across invocations)",
+        "                 (saved views: Invocations, Models by task, Model scores, Atlas methods, Runs by stage)",
+        "  across invocations: .venv/bin/cellatlas-compare" + ("" if local else f" --tracking-uri {uri}"),
         f"  tables:        {results / 'summary.tsv'}, {results / 'models.tsv'}, {results / 'atlas.tsv'}",
     ]
     if "cellatlas.changes" in run.data.tags:

@@ -25,12 +25,37 @@ FIT = "fit"        # facts of the final fit (fit/epochs, fit/best_epoch)
 TIME = "time"      # seconds (time/final_fit_seconds)
 
 
+BEST = "best"      # a task's comparison: best/cv/macro_f1, best/macro_f1_margin
+
+
+def fit_metrics(summary: dict) -> dict:
+    """A Lightning fit's summary in the scheme, for the MLP and the VAE alike: seconds under
+    ``time/``, facts under ``fit/``, text (device, precision, validation split) as it is (a tag)."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, str):
+            out[key] = value
+        elif key.endswith("_seconds"):
+            out[f"{TIME}/{key}"] = value
+        else:
+            out[f"{FIT}/{key}"] = value
+    return out
+
+
 def cv_mean(metric: str) -> str:
     return f"{CV}/{metric}"
 
 
 def cv_sd(metric: str) -> str:
     return f"{CV}/{metric}_sd"
+
+
+def best_cv(metric: str) -> str:
+    return f"{BEST}/{cv_mean(metric)}"
+
+
+def margin(metric: str) -> str:
+    return f"{BEST}/{metric}_margin"
 
 
 def fold(metric: str) -> str:

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from cellatlas import naming
 
+#: MLflow's longest experiment tag value
+MAX_TAG = 20000
 #: key -> (title, what it answers)
 VIEWS = {
     "cellatlas-invocations": ("Invocations", "what each invocation produced, and what changed between them"),
@@ -87,8 +89,12 @@ def save_views(client, experiment_id: str, headline: Iterable[str]) -> None:
     """Write (or refresh) the saved views on the experiment."""
     now = int(time.time() * 1000)
     for key, state in view_states(headline).items():
-        envelope = {"name": VIEWS[key][0], "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
-        client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(envelope)[:20000])
+        while True:  # MLflow keeps a tag value of at most 20,000 characters: fewer columns, never cut JSON
+            envelope = json.dumps({"name": VIEWS[key][0], "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+            if len(envelope) <= MAX_TAG or not state["selectedColumns"]:
+                break
+            state["selectedColumns"] = state["selectedColumns"][:-1]
+        client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", envelope)
 
 
 def view_url(base: str, experiment_id: str, key: str) -> str:

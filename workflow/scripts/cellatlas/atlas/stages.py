@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellatlas import keys, plotting
+from cellatlas import keys, naming, plotting
 from cellatlas.stage import DatasetInput, Result, plot
 
 from cellatlas.atlas import UMAP, VAE_UMAP
@@ -126,7 +126,7 @@ def compare_stage(*, records: Mapping[str, str], labels: Mapping[str, str], atla
     metrics: dict[str, Any] = {"best_method": str(table["method"].iloc[0]),
                                "ranked_by": "accuracy" if scored else "assigned share"}
     for row in agree.itertuples():
-        metrics[f"agreement/{row.method_a}_{row.method_b}"] = row.same_label
+        metrics[naming.headline("agreement", f"{row.method_a}_{row.method_b}")] = row.same_label
     return Result(metrics=metrics, tables={"table": table.reset_index(drop=True), "agreement": agree})
 
 

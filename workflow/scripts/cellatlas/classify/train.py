@@ -99,6 +99,7 @@ def model_stage(
     its training curves into the ``tracking`` run (``curve/<metric>``, the epoch as step) and
     leaves its best-epoch checkpoint in ``workspace`` (result entry ``checkpoint``).
     """
+    import tempfile
     import time
 
     import scipy.sparse as sp
@@ -117,7 +118,7 @@ def model_stage(
              [name for name, _ in pipe.steps])
 
     fit_params = None
-    checkpoint = Path(workspace or ".") / "model.ckpt"
+    checkpoint = Path(workspace or tempfile.mkdtemp(prefix="cellatlas-model-")) / "model.ckpt"
     if spec.deep:
         # the folds' fits are in the log and folds.tsv; the final fit's curves stream into the run
         pipe.set_params(model__trainer=dict(trainer or {}), model__tracking=None)
@@ -142,7 +143,7 @@ def model_stage(
     primary = keys.PRIMARY_METRIC[f.kind]
     result = Result(cv=scores, tables={"folds": cv.folds}, inputs=[DatasetInput(dataset, h5ad, context="training")],
                     metrics={"split": f.scheme, "n_folds": f.n_splits, "model_kind": model["kind"],
-                             "time/cv_fit_seconds": float(cv.folds["fit_seconds"].sum())},
+                             f"{naming.TIME}/cv_fit_seconds": float(cv.folds["fit_seconds"].sum())},
                     not_logged={"predictions"})
     title = f"{dataset} {task}: {model_name} ({f.scheme}, {f.n_splits} folds)\n{primary} {scores[primary].mean():.3f}"
     if f.kind == keys.CLASSIFICATION:
@@ -171,13 +172,13 @@ def model_stage(
     t2 = time.perf_counter()
     log.info("final model %.1f s, importance (%s) %.1f s", t1 - t0, genes["method"].iloc[0] if len(genes) else "-", t2 - t1)
     result.tables.update(predictions=predictions.reset_index(), importance=genes)
-    result.metrics.update({"time/final_fit_seconds": t1 - t0, "time/importance_seconds": t2 - t1})
+    result.metrics.update({f"{naming.TIME}/final_fit_seconds": t1 - t0, f"{naming.TIME}/importance_seconds": t2 - t1})
     example = X[:5]
     example = np.asarray(example.toarray() if sp.issparse(example) else example, dtype=np.float32)
     result.models["model"] = Model(final, input_example=example, requirements=("torch", "lightning") if spec.deep else ())
     if spec.deep:
         summary = final.named_steps["model"].fit_summary_
-        result.metrics.update({f"{naming.FIT}/{k}": v for k, v in summary.items()})
+        result.metrics.update(naming.fit_metrics(summary))
         result.files["checkpoint"] = checkpoint
     return result
 
@@ -206,9 +207,9 @@ def compare_stage(
     metric = summary["metric"]
     best = table.iloc[0]
     metrics = {"best_model": summary["best_model"], "split": info["split"], "conclusion": summary["conclusion"],
-               f"best/{naming.cv_mean(metric)}": float(best[f"{metric}_mean"])}
+               naming.best_cv(metric): float(best[f"{metric}_mean"])}
     if len(table) > 1:  # how far ahead the best model is of the next one
-        metrics[f"best/{metric}_margin"] = float(best[f"{metric}_mean"] - table.iloc[1][f"{metric}_mean"])
+        metrics[naming.margin(metric)] = float(best[f"{metric}_mean"] - table.iloc[1][f"{metric}_mean"])
     table["run_id"] = [json.loads(Path(records[m]).read_text())["run_id"] for m in table["model"]]
     uri = json.loads(Path(records[summary["best_model"]]).read_text()).get("model_uri")
     return Result(

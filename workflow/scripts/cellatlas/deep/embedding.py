@@ -168,7 +168,7 @@ def train_stage(*, h5ad: str, dataset: str, model: Mapping[str, Any], trainer: M
     history = pd.DataFrame(result.history)
     latent = ad.AnnData(obs=adata.obs.copy(), obsm={LATENT: adata.obsm[LATENT]})
     latent.uns[keys.UNS_KEY] = {"train_vae": {"params": dict(model), "genes": len(result.plan.hparams.genes)}}
-    summary: dict[str, Any] = {**{f"{naming.FIT}/{k}": v for k, v in result.summary().items()}, "device": result.device,
+    summary: dict[str, Any] = {**naming.fit_metrics(result.summary()), "device": result.device,
                                "precision": result.precision, "validation_split": result.split,
                                "n_genes": int(result.plan.hparams.n_genes), "n_latent": int(model["n_latent"]),
                                "n_batches": int(result.plan.hparams.n_batches)}

@@ -81,7 +81,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         s.threads = s.threads or self.n_jobs
         return s
 
-    def fit(self, X, y, *, groups: np.ndarray | None = None, log_prefix: str = "fit", checkpoint: str | None = None):
+    def fit(self, X, y, *, groups: np.ndarray | None = None, log_prefix: str = "curve", checkpoint: str | None = None):
         """Train on ``X, y``; ``groups`` (donors) shape the validation split, ``log_prefix`` the
         MLflow metric names, ``checkpoint`` receives the best epoch's Lightning checkpoint."""
         from cellatlas.deep.data import CellDataModule
