@@ -133,6 +133,9 @@ def test_classify_models_are_evaluated_compared_and_logged(workdir):
     cls = models[models.task == "cell_type"].set_index("model")
     assert set(cls.index) == {"logistic_regression", "knn", "mlp"} and set(cls["split"]) == {"grouped"}
     assert set(cls["group_key"]) == {"donor"} and (cls["n_folds"] == 4).all()  # 4 donors: 4 folds, not 5
+    # a fallback that changes what the scores mean reaches the terminal, not only the job's log
+    assert ("cellatlas note (classify:sim5k/cell_type/split): dataset 'sim5k', task 'cell_type': only 4 groups in "
+            "'donor': 4 folds instead of 5") in (workdir / "snakemake.out").read_text()
     assert cls.loc["logistic_regression", "macro_f1_mean"] > 0.9
     assert cls["macro_f1_sd"].notna().all() and cls["conclusion"].str.contains("macro_f1").all()
     reg = models[models.task == "program"].set_index("model")

@@ -56,31 +56,6 @@ def comparison(runs: Sequence, patterns: Sequence[str] = ()) -> pd.DataFrame:
     return table[["invocation", "run_id", "start", "config_hash", *sorted(chosen), "changed"]]
 
 
-def figure(table: pd.DataFrame, path: str | Path, *, max_metrics: int = 12) -> None:
-    """One panel per metric (at most ``max_metrics``), its value in each invocation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [c for c in table.columns if c not in ("invocation", "run_id", "start", "config_hash", "changed")]
-    metrics = metrics[:max_metrics]
-    cols = min(3, max(1, len(metrics)))
-    nrows = max(1, -(-len(metrics) // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
-    x = range(len(table))
-    for ax, metric in zip(axes.ravel(), metrics):
-        ax.plot(x, table[metric], marker="o")
-        ax.set_title(metric, fontsize=9)
-        ax.set_xticks(list(x), table["invocation"], rotation=30, ha="right", fontsize=7)
-    for ax in axes.ravel()[len(metrics):]:
-        ax.set_axis_off()
-    fig.suptitle("metrics across invocations")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -116,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or Path(args.results) / "compare")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.tsv", sep="\t", index=False)
-    figure(table, out / "comparison.png")
+    from cellatlas import plotting
+
+    metrics = [c for c in table.columns if c not in ("invocation", "run_id", "start", "config_hash", "changed")]
+    plotting.across_invocations(table.set_index("invocation")[metrics], str(out / "comparison.png"))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 80):
         shown = table.drop(columns=["run_id", "config_hash"]).set_index("invocation").T
         print(shown.round(4).to_string())

@@ -296,3 +296,20 @@ def marker_dotplot(adata, markers: pd.DataFrame, path: str, *, resolution: float
         ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def across_invocations(table: pd.DataFrame, path: str, *, max_metrics: int = 12) -> None:
+    """One panel per metric (columns, at most ``max_metrics``): its value in each invocation (rows)."""
+    metrics = list(table.columns)[:max_metrics]
+    cols = min(3, max(1, len(metrics)))
+    nrows = max(1, -(-len(metrics) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    x = range(len(table))
+    for ax, metric in zip(axes.ravel(), metrics):
+        ax.plot(x, table[metric], marker="o")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(list(x), [str(i) for i in table.index], rotation=30, ha="right", fontsize=7)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_axis_off()
+    fig.suptitle("metrics across invocations")
+    _save(fig, path)

@@ -19,14 +19,15 @@ def ui_command(db: Path, *, host: str, port: int) -> list[str]:
 
 def view_lines(db: Path, base: str) -> list[str]:
     """One line per saved view of each experiment: its title, what it answers, its link."""
-    import sqlite3
+    from mlflow.tracking import MlflowClient
 
     from cellatlas.views import VIEWS, view_url
 
-    with sqlite3.connect(db) as con:
-        experiments = con.execute("SELECT experiment_id, name FROM experiments WHERE name != 'Default'").fetchall()
     lines = []
-    for exp_id, name in experiments:
+    for exp in MlflowClient(f"sqlite:///{db}").search_experiments():
+        exp_id, name = exp.experiment_id, exp.name
+        if name == "Default":
+            continue
         lines.append(f"experiment '{name}':")
         lines += [f"  {title} ({answers}):\n    {view_url(base, str(exp_id), key)}"
                   for key, (title, answers) in VIEWS.items()]
