@@ -148,6 +148,20 @@ def test_nan_loss_stops_with_a_clear_error(lognorm):
     assert issubclass(NonFiniteLossError, CellAtlasError)
 
 
+@pytest.mark.parametrize("plan", ["classifier", "vae"])
+def test_nan_validation_loss_stops_the_fold_with_the_same_message(plan):
+    import torch
+    from cellatlas.deep.plans import ClassifierPlan, NonFiniteLossError, VAEPlan
+
+    x = torch.full((4, 5), float("nan"))
+    if plan == "classifier":
+        p, batch = ClassifierPlan(n_genes=5, n_classes=2), (x, torch.tensor([0, 1, 0, 1]), torch.empty(0))
+    else:
+        p, batch = VAEPlan(n_genes=5, n_latent=2), (x, torch.empty(0), torch.empty(0))
+    with pytest.raises(NonFiniteLossError, match=r"^validation loss became nan at epoch 0, batch 3 .*lower 'lr'"):
+        p.validation_step(batch, 3)
+
+
 def test_a_fit_never_resumes_from_an_old_checkpoint(lognorm, tmp_path):
     """A stale checkpoint of other parameters at the output path is replaced, not resumed."""
     from cellatlas.deep.plans import ClassifierPlan

@@ -19,9 +19,10 @@ PATH_SOURCES = ("10x_mtx", "10x_h5", "h5ad", "csv")
 
 
 def validate_config(config, schema):
-    from cellatlas.config import validate
+    from cellatlas.config import check_files, validate
 
     try:
+        check_files(workflow.configfiles)
         validate(config, schema)
     except ConfigError as e:
         raise WorkflowError(str(e)) from None
@@ -266,6 +267,9 @@ def start_tracking():
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(".snakemake", "numba-cache").resolve()))
     Path("results").mkdir(exist_ok=True)
+    from cellatlas.runner import clear_scratch
+
+    clear_scratch()  # what jobs killed outright left behind
     experiment, uri = config["tracking"]["experiment"], get_tracking_uri()
     try:
         if workflow.non_local_exec and uri.startswith("sqlite:"):

@@ -42,6 +42,35 @@ def schema_defaults(*keys: str, schema: str | Path = SCHEMA) -> dict[str, Any]:
     return {name: copy.deepcopy(sub["default"]) for name, sub in node.get("properties", {}).items() if "default" in sub}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config file '{Path(self.name)}', line {key_node.start_mark.line + 1}: key "
+                                  f"'{key}' is given twice (first on line {seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_files(paths) -> None:
+    """Raise :class:`ConfigError` for a config file with a key given twice (Snakemake reads the
+    files itself; this reads them again only to refuse what its reader lets through)."""
+    for path in paths:
+        with open(path) as fh:
+            loader = _UniqueKeyLoader(fh)
+            loader.name = str(path)
+            try:
+                loader.get_single_data()
+            except yaml.YAMLError:
+                pass  # Snakemake has already reported what it could not parse
+            finally:
+                loader.dispose()
+
+
 def _path(error) -> str:
     parts = [str(p) for p in error.absolute_path]
     return ".".join(parts) if parts else "(top level)"
@@ -84,6 +113,7 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
         embedding_datasets(config)
     if "atlas" in config:
         atlases(config)
+    _check_simulations(config)
     cl = config.get("cluster", {})
     if "marker_resolution" in cl and cl["marker_resolution"] not in cl.get("resolutions", []):
         raise ConfigError(
@@ -92,6 +122,21 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
         )
     if len(set(cl.get("resolutions", []))) != len(cl.get("resolutions", [])):
         raise ConfigError(f"config key 'cluster.resolutions': duplicate values in {cl['resolutions']}")
+
+
+def _check_simulations(config: dict[str, Any]) -> None:
+    """The simulator's own rules (n_batches <= n_donors, ...), before any job runs."""
+    from cellatlas.simulate import SimulationParams, check
+
+    fields = SimulationParams.__dataclass_fields__
+    for ds, entry in config.get("datasets", {}).items():
+        source = entry.get("source", {})
+        if source.get("kind") != "simulate":
+            continue
+        try:
+            check(SimulationParams(**{k: v for k, v in source.items() if k in fields}))
+        except ValueError as e:
+            raise ConfigError(f"config key 'datasets.{ds}.source': {e}") from None
 
 
 #: the canonical obs column each dataset key fills (a task's target may name it)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -42,8 +43,15 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
     if kind == "simulate":
         from cellatlas.simulate import SimulationParams, simulate_counts
 
+        from cellatlas.resources import check_memory
+        from cellatlas.simulate import estimate_bytes
+
         fields = SimulationParams.__dataclass_fields__
-        return simulate_counts(SimulationParams(**{k: v for k, v in source.items() if k in fields}))
+        params = SimulationParams(**{k: v for k, v in source.items() if k in fields})
+        if params.n_cells > 20_000:  # small sets always fit; the pilot would cost more than it saves
+            check_memory(estimate_bytes(params), dataset=dataset, what=f"simulating {params.n_cells:,} cells x "
+                         f"{params.n_genes:,} genes", hint="lower source.n_cells or source.n_genes")
+        return simulate_counts(params)
     if kind == "scanpy":
         import scanpy as sc
 
@@ -68,6 +76,7 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
             frame = pd.read_csv(path, sep=sep, index_col=0)
             if source.get("genes_as_rows", False):
                 frame = frame.T
+            _check_orientation(frame.index, frame.columns, dataset, path, source.get("genes_as_rows", False))
             adata = ad.AnnData(
                 X=sp.csr_matrix(frame.to_numpy(dtype=np.float64, na_value=np.nan)),
                 obs=pd.DataFrame(index=frame.index.astype(str)),
@@ -84,6 +93,30 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
     except Exception as e:  # corrupt or truncated files raise anything from OSError to KeyError
         raise InputDataError(dataset, f"cannot read as {fmt}: {type(e).__name__}: {e}", path=path) from e
     return adata
+
+
+#: names that only a cell has (a 10x barcode: 14 or 16 bases) or only a gene has (an Ensembl id, a
+#: mitochondrial gene): what tells a table's orientation, since both sides are just strings
+_BARCODE = re.compile(r"[ACGTN]{12,}")
+_GENE = re.compile(r"^(ENS[A-Z]*G\d{6,}(\.\d+)?|MT-[A-Za-z0-9]+|mt-[A-Za-z0-9]+)$")
+
+
+def _share(names, pattern: re.Pattern) -> float:
+    names = [str(n) for n in names[:2000]]
+    return sum(bool(pattern.search(n)) for n in names) / max(len(names), 1)
+
+
+def _check_orientation(cells, genes, dataset: str, path: str | None, genes_as_rows: bool) -> None:
+    """Refuse a table read the wrong way round: the cell side named like genes (an Ensembl id or an
+    MT- gene among them) or the gene side like barcodes, while the other side is not."""
+    as_cells = _share(cells, _BARCODE) > 0.5 or _share(genes, _GENE) > 0 and _share(cells, _GENE) == 0
+    as_genes = _share(genes, _BARCODE) > 0.5 or _share(cells, _GENE) > 0 and _share(genes, _GENE) == 0
+    if as_genes and not as_cells:
+        side = "rows" if genes_as_rows else "columns"
+        example = next((str(n) for n in cells if _GENE.search(str(n))), str(cells[0]))
+        raise InputDataError(dataset, f"genes_as_rows: {str(genes_as_rows).lower()} reads the {side} as genes, but "
+                             f"the cells are named like genes (e.g. '{example}') and the genes like cells; set "
+                             f"genes_as_rows: {str(not genes_as_rows).lower()}", path=path)
 
 
 def canonicalize(
@@ -231,6 +264,8 @@ def _check_unique(names: pd.Index, what: str, dataset: str, path: str | None) ->
 def download(url: str, sha256: str, dest: str, *, dataset: str, timeout: float = 60.0) -> None:
     """Download ``url`` to ``dest`` and verify its SHA-256; nothing is left at ``dest`` on failure."""
     dest_path = Path(dest)
+    if dest_path.name in ("", ".", "..") or dest_path.name != os.path.basename(dest):
+        raise InputDataError(dataset, f"download file name '{dest_path.name}' is not one plain file name (source.filename)")
     dest_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_path.parent, prefix=".download-")
     try:

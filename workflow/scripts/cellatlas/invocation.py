@@ -22,6 +22,7 @@ import pandas as pd
 
 from cellatlas import naming
 from cellatlas.errors import TrackingError
+from cellatlas.liveness import export_invocation, reap
 from cellatlas.store import relocate, sqlite_path
 from cellatlas.tracking import (
     ENV_CONFIG_HASH, ENV_EXPERIMENT, ENV_GIT_COMMIT, ENV_INVOCATION, ENV_PARENT, ENV_URI, _client, _experiment_id, check_server,
@@ -68,10 +69,17 @@ def start_parent(*, uri: str, experiment: str, config: Mapping[str, Any], workdi
     )
     client = _client(uri)
     exp_id = _experiment_id(client, experiment, uri)
-    previous = previous_parent(client, exp_id)
-    params = flatten(science(config))
     name = config.get("run_name") or f"pipeline-{chash}"
     os.environ[ENV_INVOCATION] = name
+    export_invocation()
+    found = reap(client, exp_id, by=f"invocation '{name}' at its start")
+    if found["killed"]:
+        shown = ", ".join(found["killed"][:5]) + (" ..." if len(found["killed"]) > 5 else "")
+        print(f"cellatlas: marked {len(found['killed'])} run(s) KILLED whose process is gone: {shown}", file=sys.stderr)
+    if found["unknown"]:
+        print(f"cellatlas: {len(found['unknown'])} run(s) RUNNING on other hosts left as they are", file=sys.stderr)
+    previous = previous_parent(client, exp_id)
+    params = flatten(science(config))
     tags = {**common_tags(), naming.TAG_KIND: "pipeline", naming.TAG_STATUS: "running", naming.TAG_STAGE: "pipeline"}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
@@ -170,9 +178,26 @@ def end_parent(status: str = "FINISHED", *, results: str | Path = "results",
     run_id = os.environ.get(ENV_PARENT)
     if not run_id:
         return
-    client = _client(os.environ[ENV_URI])
-    results = Path(results)
     try:
+        metrics, tags = _close_parent(run_id, status, Path(results), records)
+        if status == "FINISHED":
+            orient(_client(os.environ[ENV_URI]), run_id, Path(results), metrics, tags, terminal=terminal)
+    except Exception as e:  # a lost server must not turn the end of the run into a traceback
+        message = " ".join(str(e).split())[:300]
+        print(f"cellatlas error: could not close the invocation's run {run_id} in {os.environ[ENV_URI]} "
+              f"(tracking.uri): {message}; the next invocation marks it KILLED if it is still open",
+              file=sys.stderr)
+
+
+def _close_parent(run_id: str, status: str, results: Path, records: Iterable[str | Path]):
+    client = _client(os.environ[ENV_URI])
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        # jobs killed with SIGKILL could not close their runs; Snakemake saw them fail
+        reap(client, experiment_id, by=f"invocation '{os.environ.get(ENV_INVOCATION, run_id)}' at its end",
+             parent=run_id)
         if status == "FINISHED":
             from mlflow.entities import Metric
 
@@ -190,12 +215,11 @@ def end_parent(status: str = "FINISHED", *, results: str | Path = "results",
                     client.log_artifact(run_id, str(results / name))
             from cellatlas.views import save_views
 
-            save_views(client, client.get_run(run_id).info.experiment_id, metrics)
+            save_views(client, experiment_id, metrics)
     finally:
         client.set_tag(run_id, naming.TAG_STATUS, status.lower())
         client.set_terminated(run_id, status=status)
-    if status == "FINISHED":
-        orient(client, run_id, results, metrics, tags, terminal=terminal)
+    return metrics, tags
 
 
 def orient(client, run_id: str, results: Path, metrics: Mapping[str, float], tags: Mapping[str, str], *,

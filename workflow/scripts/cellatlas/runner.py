@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -140,6 +141,66 @@ def _job_name(smk, stage: str, part: str | None) -> tuple[str, dict[str, str], s
     return name, tags, wildcards.get("dataset")
 
 
+#: files that run code when loaded (pickle, Lightning checkpoints): digests recorded and checked
+MODEL_FILES = (".joblib", ".ckpt")
+
+
+def check_model_inputs(client, inputs: dict[str, str]) -> None:
+    """Check each model file among ``inputs`` against the digest recorded by the run that wrote it
+    (the ``run.json`` beside it names the run; the digest is read from the tracker, which the
+    results folder cannot change)."""
+    from cellatlas.modelstore import FILE_TAG, check_file
+
+    for path in inputs.values():
+        if not str(path).endswith(MODEL_FILES):
+            continue
+        record = Path(path).parent / "run.json"
+        run_id = json.loads(record.read_text())["run_id"] if record.exists() else ""
+        expected = client.get_run(run_id).data.tags.get(FILE_TAG + Path(path).name) if run_id else None
+        check_file(path, expected, what="model file")
+
+
+#: per-job scratch: the job's temporary files (a Lightning checkpoint, MLflow's staging) live here,
+#: so a job killed outright leaves them where its next run, or the next invocation, clears them
+SCRATCH = Path(".snakemake") / "cellatlas-scratch"
+
+
+def scratch_folder(job: str) -> Path:
+    """An empty scratch folder for ``job``, made the process's temporary directory."""
+    from cellatlas.liveness import identity
+
+    folder = (SCRATCH / re.sub(r"[^A-Za-z0-9_.-]+", "_", job)).resolve()
+    shutil.rmtree(folder, ignore_errors=True)  # a killed earlier run of this job left it
+    folder.mkdir(parents=True)
+    (folder / "owner.json").write_text(json.dumps(identity()))
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = str(folder)
+    return folder
+
+
+def clear_scratch(root: Path = SCRATCH) -> int:
+    """Remove the scratch folders of jobs whose process is gone; returns how many."""
+    from cellatlas.liveness import GONE, TAG_HOST, TAG_PID, TAG_PID_START, process_state
+
+    removed = 0
+    for folder in root.glob("*") if root.is_dir() else ():
+        try:
+            owner = json.loads((folder / "owner.json").read_text())
+            gone = process_state(owner[TAG_HOST], owner[TAG_PID], owner[TAG_PID_START]) == GONE
+        except (OSError, ValueError, KeyError):
+            gone = True  # no owner: a folder of an older version, or one cut off while it was made
+        if gone:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _fail(message: str, stream, terminal) -> None:
+    print(message, file=stream)
+    print(message, file=terminal)
+    sys.exit(1)
+
+
 def run_stage(smk, stage: str, compute: Callable[[Any, Live], Any], *, step: str, part: str | None = None) -> None:
     """Run ``compute(smk, live)`` inside the stage's MLflow child run, then write and log its result.
 
@@ -160,22 +221,31 @@ def run_stage(smk, stage: str, compute: Callable[[Any, Live], Any], *, step: str
     tags[naming.TAG_STEP] = step
     outputs = dict(smk.output.items())
     log.info("%s, threads %s", name, smk.threads)
-    workspace = Path(tempfile.mkdtemp(prefix="cellatlas-job-"))
+    workspace = scratch_folder(name)
     try:
         with stage_run(stage, dataset, params=params_of(smk), record=smk.output.run, name=name, tags=tags) as run:
+            check_model_inputs(run.client, dict(smk.input.items()))
             live = Live({"uri": run.uri, "run_id": run.run_id} if run.uri else None, workspace)
             result = compute(smk, live)
             check_outputs(result, outputs, where=name)
             write_result(result, outputs)
+            for path in outputs.values():
+                if path.endswith(MODEL_FILES):
+                    run.set_file_digest(path)
             log_result(run, result, outputs, model_name=naming.logged_model(*name.partition(":")[2].split("/")))
             for note in result.notes:  # the library logged it; the terminal must see it too
                 print(f"cellatlas note ({name}): {note}", file=terminal)
             if result.notes:
                 run.set_tag(naming.TAG_NOTES, " | ".join(result.notes))
     except CellAtlasError as e:
-        msg = f"cellatlas error in stage {stage}: {e}"
-        print(msg, file=stream)
-        print(msg, file=terminal)
-        sys.exit(1)
+        _fail(f"cellatlas error in stage {stage}: {e}", stream, terminal)
+    except Exception as e:
+        from cellatlas.tracking import ENV_URI, default_uri, lost_tracking
+
+        lost = lost_tracking(os.environ.get(ENV_URI) or default_uri("."), e, during=f"in job {name}")
+        if lost is None:
+            raise
+        log.error("the tracking store failed", exc_info=e)  # the whole story stays in the job's log
+        _fail(f"cellatlas error in stage {stage}: {lost}", stream, terminal)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)

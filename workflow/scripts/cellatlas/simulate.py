@@ -68,7 +68,7 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     import anndata as ad
 
     p = params if params is not None else SimulationParams(**kwargs)
-    _check(p)
+    check(p)
     rng = np.random.default_rng(p.seed)
     n_special = p.n_mito + p.n_ribo
     gene_names = (
@@ -153,7 +153,20 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     return adata
 
 
-def _check(p: SimulationParams) -> None:
+def estimate_bytes(p: SimulationParams) -> float:
+    """Peak memory of simulating ``p`` and ingesting it: a 500-cell pilot's nonzeros per cell, scaled
+    (CSR of float32 values and int32 indices, held about three times: the chunks, the stacked
+    matrix, the canonical copy), plus the per-donor type profiles."""
+    import dataclasses
+
+    pilot = simulate_counts(dataclasses.replace(p, n_cells=min(p.n_cells, 500)))
+    per_cell = pilot.X.nnz / pilot.n_obs
+    profiles = 4.0 * p.n_donors * p.n_types * p.n_genes if p.donor_type_sd > 0 else 0.0
+    return 3 * 8.0 * per_cell * p.n_cells + 200.0 * p.n_cells + profiles
+
+
+def check(p: SimulationParams) -> None:
+    """Raise ValueError for parameters the simulator cannot honour (the config check names the key)."""
     if p.n_genes <= p.n_mito + p.n_ribo + p.n_types:
         raise ValueError(f"n_genes must exceed {p.n_mito + p.n_ribo + p.n_types}")
     if p.n_cells < 1 or p.n_types < 1 or p.n_donors < 1 or p.n_batches < 1:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cellatlas.errors import TrackingError
-from cellatlas.naming import TAG_DATASET, TAG_KIND, TAG_MODEL_URI, TAG_STAGE, TAG_STATUS
+from cellatlas.naming import TAG_DATASET, TAG_KIND, TAG_MODEL_URI, TAG_NOTES, TAG_STAGE, TAG_STATUS
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: fl
     MLflow server started without ``--allowed-hosts`` for the name the jobs use answers 403) fails
     at once. Other stores (SQLite, files) need no server and pass.
     """
+    check_scheme(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import http.client
@@ -146,6 +147,62 @@ def check_server(uri: str, *, attempts: int = 3, timeout: float = 8.0, pause: fl
     )
 
 
+def check_scheme(uri: str) -> None:
+    """Raise :class:`TrackingError` for a URI MLflow cannot track to, or one holding credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2://
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        known = set(_tracking_store_registry._registry)  # MLflow's own stores and installed plugins
+    except (ImportError, AttributeError):
+        known = {"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
+    if scheme not in known:
+        shown = ", ".join(sorted(k for k in known if k))
+        raise TrackingError(f"tracking.uri (or MLFLOW_TRACKING_URI) '{uri}': MLflow cannot track to a "
+                            f"'{scheme}' URI (schemes: {shown})")
+    if parts.password or (parts.username and scheme in ("http", "https")):
+        # the config and the run records would carry them; the client reads the environment
+        raise TrackingError(f"tracking.uri (or MLFLOW_TRACKING_URI) for {parts.hostname}: holds credentials; "
+                            "remove them and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
+
+
+#: what a lost store raises, in its cause chain (MLflow wraps them in MlflowException)
+_LOST = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NewConnectionError",
+         "RemoteDisconnected", "ProtocolError", "OperationalError", "ConnectionRefusedError")
+
+
+def lost_tracking(uri: str, exc: BaseException, *, during: str) -> TrackingError | None:
+    """The one-line error for ``exc`` if it means the tracking store was lost, else None.
+
+    Judged by the exception chain (a refused connection, a timeout, retries spent, a database
+    that went away) and, for a server, by asking it again: a server that answers now did not fail
+    the job, so its own error keeps its traceback.
+    """
+    seen, e, chain = set(), exc, []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    lost = bool(names & set(_LOST)) or "API request to" in text or "Max retries exceeded" in text
+    if not lost:
+        return None
+    if uri.startswith(("http://", "https://")):
+        try:
+            check_server(uri, attempts=1, timeout=5)
+            return None
+        except TrackingError:
+            pass
+    first = " ".join(str(chain[-1]).split())[:200]
+    return TrackingError(f"lost the MLflow tracking store {uri} (tracking.uri or MLFLOW_TRACKING_URI) {during} on "
+                         f"host {socket.gethostname()}: {first}; the run is closed by the next invocation, "
+                         "rerun when the store is back")
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -170,15 +227,16 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
 
 def common_tags() -> dict[str, str]:
+    """Config hash, commit, invocation, and who runs it: host, pid, SLURM job (:mod:`cellatlas.liveness`)."""
+    from cellatlas.liveness import identity
+
     tags = {
         "cellatlas.config_hash": os.environ.get(ENV_CONFIG_HASH, "unknown"),
         "cellatlas.git_commit": os.environ.get(ENV_GIT_COMMIT, "unknown"),
-        "cellatlas.host": socket.gethostname(),
+        **identity(),
     }
     if os.environ.get(ENV_INVOCATION):  # the parent's name: which invocation made this run
         tags["cellatlas.invocation"] = os.environ[ENV_INVOCATION]
-    if "SLURM_JOB_ID" in os.environ:
-        tags["cellatlas.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
 
 
@@ -195,6 +253,9 @@ class StageRun:
         self.artifacts: list[str] = []
         self.inputs: list[dict[str, str]] = []
         self.model_uri = ""
+        self.model_sha256 = ""
+        #: sha256 of model files the job wrote (by file name), checked by the jobs that load them
+        self.files_sha256: dict[str, str] = {}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = flatten(params)
@@ -253,20 +314,31 @@ class StageRun:
 
         if self.uri:
             mlflow.set_tracking_uri(self.uri)
-        version = mlflow.register_model(model_uri, name, tags={"cellatlas.run_id": self.run_id}).version
+        from cellatlas.modelstore import TAG_SHA256
+
+        tags = {"cellatlas.run_id": self.run_id, TAG_SHA256: self.model_sha256}
+        version = mlflow.register_model(model_uri, name, tags=tags).version
         self.client.set_registered_model_alias(name, alias, version)
         self.set_tag("cellatlas.registered_model", f"models:/{name}@{alias} (version {version})")
         return str(version)
 
+    def set_file_digest(self, path: str | Path) -> None:
+        """Record the sha256 of a model file the job wrote (tag ``cellatlas.sha256.<file name>``)."""
+        from cellatlas.modelstore import FILE_TAG, digest
+
+        self.files_sha256[Path(path).name] = value = digest(path)
+        self.set_tag(FILE_TAG + Path(path).name, value)
+
     def log_model(self, model, *, name: str) -> str:
         """Log a :class:`cellatlas.stage.Model` as an MLflow model of this run; returns its URI.
 
-        The format is cloudpickle, with this package's code attached, so a model loads where the
-        package is not installed. MLflow's skops default for scikit-learn refuses every type it does
-        not know (our transformers, even scikit-learn's own trees) unless each is listed as trusted,
-        which would trust them all anyway; a torch module returns a dict and takes optional batch
-        codes, which MLflow 3's traced default cannot hold. Load models only from stores you trust.
-        Requirements are the installed pins (no slow inference).
+        scikit-learn models are saved with skops, trusting exactly the types the model holds at
+        save time (our transformers among them), so loading builds nothing else. A torch module
+        (the MLP inside its estimator, the VAE) cannot be, and is cloudpickled; it returns a dict
+        and takes optional batch codes, which MLflow 3's traced default cannot hold. Either way
+        this package's code is attached (a model loads where the package is not installed) and
+        the sha256 of the logged files is recorded in the run (:mod:`cellatlas.modelstore`, whose
+        ``load_model`` checks it). Requirements are the installed pins (no slow inference).
         """
         from importlib.metadata import version
 
@@ -291,10 +363,17 @@ class StageRun:
             import mlflow.sklearn
             from mlflow.models import infer_signature
 
-            packages = ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle", *model.requirements)
+            from cellatlas.modelstore import skops_types
+
             example = model.input_example
-            kwargs = {"serialization_format": mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
-                      "input_example": example, "signature": infer_signature(example, model.obj.predict(example))}
+            kwargs = {"input_example": example, "signature": infer_signature(example, model.obj.predict(example))}
+            trusted = skops_types(model.obj)
+            if trusted is None:
+                kwargs["serialization_format"] = mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE
+                packages = ("scikit-learn", "numpy", "scipy", "pandas", "cloudpickle", *model.requirements)
+            else:
+                kwargs.update(serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS, skops_trusted_types=trusted)
+                packages = ("scikit-learn", "numpy", "scipy", "pandas", "skops", *model.requirements)
             flavor = mlflow.sklearn
         # a local build tag (torch's "+cpu") is not on the package index; the release is
         pins = [f"{p}=={version(p).split('+')[0]}" for p in dict.fromkeys(packages)]
@@ -302,8 +381,26 @@ class StageRun:
                                 **kwargs)
         self.model_uri = info.model_uri
         self.set_tag(TAG_MODEL_URI, info.model_uri)
+        self._record_model_digest(info.model_uri)
         self.artifacts.append(name)
         return info.model_uri
+
+
+    def _record_model_digest(self, model_uri: str) -> None:
+        """The sha256 of the files as the store holds them, read back once they are logged."""
+        import tempfile
+
+        import mlflow
+
+        from cellatlas.modelstore import TAG_SHA256, digest
+
+        with tempfile.TemporaryDirectory(prefix="cellatlas-digest-") as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp, tracking_uri=self.uri)
+            self.model_sha256 = digest(path)
+        self.set_tag(TAG_SHA256, self.model_sha256)
+        model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+        if model_id:
+            self.client.set_logged_model_tags(model_id, {TAG_SHA256: self.model_sha256})
 
 
 @contextmanager
@@ -342,6 +439,9 @@ def stage_run(
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _terminate)
+    from cellatlas.liveness import watch_invocation
+
+    watch_invocation(lambda why: client.set_tag(run.info.run_id, TAG_NOTES, why))
     try:
         handle.log_params(params)
         yield handle
@@ -350,8 +450,10 @@ def stage_run(
         try:
             client.set_tag(run.info.run_id, TAG_STATUS, status.lower())
             client.log_text(run.info.run_id, "".join(traceback.format_exception(exc)), "error.txt")
-        finally:
             client.set_terminated(run.info.run_id, status=status)
+        except Exception as e:  # the store itself is gone: the job's own error is what the user must see
+            log.error("could not close run %s as %s (%s); the next invocation marks it KILLED", run.info.run_id,
+                      status, " ".join(str(e).split())[:300])
         raise
     else:
         client.set_tag(run.info.run_id, TAG_STATUS, "finished")
@@ -369,6 +471,8 @@ def stage_run(
             "artifacts": handle.artifacts,
             "inputs": handle.inputs,
             "model_uri": handle.model_uri,
+            "model_sha256": handle.model_sha256,
+            "files_sha256": handle.files_sha256,
             "run_name": run_name,
             "step": run_tags.get("cellatlas.step", ""),
             "config_hash": os.environ.get(ENV_CONFIG_HASH, "unknown"),

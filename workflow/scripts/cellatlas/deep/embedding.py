@@ -223,4 +223,5 @@ def load_vae(checkpoint: str | Path):
     """The trained plan of a ``model.ckpt`` (hyperparameters, gene names and batches included)."""
     from cellatlas.deep.plans import VAEPlan
 
-    return VAEPlan.load_from_checkpoint(str(checkpoint), map_location="cpu")
+    # weights_only: a checkpoint builds tensors and plain values, never runs code (and its digest was checked)
+    return VAEPlan.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)

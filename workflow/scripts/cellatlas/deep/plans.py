@@ -25,10 +25,11 @@ class NonFiniteLossError(CellAtlasError):
     """The loss became NaN or infinite: training stops, the run fails, nothing is written."""
 
 
-def _check_finite(loss: torch.Tensor, plan: L.LightningModule, batch_idx: int) -> None:
+def _check_finite(loss: torch.Tensor, plan: L.LightningModule, batch_idx: int, phase: str = "training") -> None:
+    """Stop at the first non-finite loss, training or validation: a fold scored on NaN is no score."""
     if not torch.isfinite(loss).all():
         raise NonFiniteLossError(
-            f"training loss became {loss.item()} at epoch {plan.current_epoch}, batch {batch_idx} "
+            f"{phase} loss became {loss.item()} at epoch {plan.current_epoch}, batch {batch_idx} "
             f"(learning rate {plan.hparams.lr:g}); lower 'lr' or check the input values")
 
 
@@ -76,7 +77,9 @@ class ClassifierPlan(_Plan):
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self(x)
-        self.log(VAL_LOSS, self._loss(logits, y), on_step=False, on_epoch=True, batch_size=len(y))
+        loss = self._loss(logits, y)
+        _check_finite(loss, self, batch_idx, "validation")
+        self.log(VAL_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(y))
         self._val.append((y.detach().cpu(), logits.argmax(1).detach().cpu()))
 
     def on_validation_epoch_end(self) -> None:
@@ -115,8 +118,7 @@ class VAEPlan(_Plan):
         rec, kl = out["reconstruction"].mean(), out["kl"].mean()
         # validation is scored at the final KL weight so that epochs compare (the warm-up only shapes training)
         loss = rec + (self.kl_weight if prefix == "train" else self.hparams.kl_weight) * kl
-        if prefix == "train":
-            _check_finite(loss, self, batch_idx)
+        _check_finite(loss, self, batch_idx, "training" if prefix == "train" else "validation")
         n = x.shape[0]
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n)
         self.log(f"{prefix}_reconstruction", rec, on_step=False, on_epoch=True, batch_size=n)

@@ -271,7 +271,7 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
         epochs, stopped_early, score = trainer.current_epoch, stop.stopped_epoch > 0, ckpt.best_model_score
         last = scratch / "last.ckpt"
         if not history.rows and last.exists():  # the workers trained; this process only launched them
-            state = torch.load(last, map_location="cpu", weights_only=False)
+            state = torch.load(last, map_location="cpu", weights_only=False)  # this job's own workers wrote it just now
             history.load_state_dict(state["callbacks"][history.state_key])
             stop_state = state["callbacks"][stop.state_key]
             epochs, stopped_early = int(state["epoch"]) + 1, stop_state["stopped_epoch"] > 0
@@ -279,7 +279,7 @@ def fit(plan: L.LightningModule, data: L.LightningDataModule, settings: TrainerS
         best = ckpt.best_model_path
         best_epoch = epochs - 1
         if best:
-            state = torch.load(best, map_location="cpu", weights_only=False)
+            state = torch.load(best, map_location="cpu", weights_only=True)
             plan.load_state_dict(state["state_dict"])
             best_epoch = int(state["epoch"])
             if checkpoint is not None and trainer.is_global_zero:
