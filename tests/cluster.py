@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -152,6 +153,9 @@ PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 class Services:
     root: Path
     tracking_uri: str = ""
+    #: what the jobs' environment carries to authenticate (never the config)
+    credentials: dict[str, str] = field(default_factory=lambda: {
+        "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(18)})
     _procs: list[subprocess.Popen] = field(default_factory=list)
     _pids: list[Path] = field(default_factory=list)
     _pg_root: Path | None = None
@@ -217,11 +221,16 @@ class Services:
         artifacts = self.root / "mlflow-artifacts"
         artifacts.mkdir()
         log = (self.root / "mlflow-server.log").open("w")
+        # the README's recipe: cellatlas-server (MLflow's basic-auth app) on PostgreSQL; jobs
+        # authenticate with the credentials in their environment (self.credentials)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.credentials["MLFLOW_TRACKING_PASSWORD"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            [str(Path(sys.executable).parent / "cellatlas-server"), "--dir", str(self.root / "mlflow-server"),
+             "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"postgresql://{PG_USER}@127.0.0.1:{pg_port}/mlflow",
              "--artifacts-destination", artifacts.as_uri()],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
         self._procs.append(proc)
         self.tracking_uri = f"http://127.0.0.1:{port}"

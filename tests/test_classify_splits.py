@@ -94,41 +94,6 @@ def test_folds_roundtrip_through_files(obs, tmp_path):
     assert back.table["target"].iloc[:5].isna().all()
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ("one_class", "target 'label' has 1 class with enough cells ('a'); at least 2 are needed"),
-        ("no_column", "target 'cell_type' is not an obs column"),
-        ("numeric", "classification target 'program' is numeric with 600 distinct values; for a measured quantity set kind: regression"),
-        ("all_missing", "target 'label' has no values"),
-        ("one_group", "split 'grouped' needs at least 2 groups in 'donor' (found 1)"),
-        ("one_batch", "split 'leave_one_batch_out' needs at least 2 batches (found 1)"),
-    ],
-)
-def test_bad_targets_are_one_line_errors(obs, change, message):
-    obs = obs.copy()
-    kw = {}
-    if change == "one_class":
-        obs["label"] = "a"
-    if change == "no_column":
-        kw["target"] = "cell_type"
-    if change == "numeric":
-        kw["target"] = "program"
-    if change == "all_missing":
-        obs["label"] = None
-    if change == "one_group":
-        obs["donor"] = "d0"
-        kw["scheme"] = "grouped"
-    if change == "one_batch":
-        obs["batch"] = "b0"
-        kw["scheme"] = "leave_one_batch_out"
-    with pytest.raises(TaskError) as err:
-        _folds(obs, **kw)
-    assert str(err.value).startswith("dataset 'ds', task 't': ")
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
-
-
 def test_documented_fallbacks_are_logged_not_fatal(obs, caplog):
     obs = obs.copy()
     obs["label"] = obs["label"].astype(str)

@@ -16,7 +16,7 @@ from cellatlas.deep.data import (
 )
 from cellatlas.deep.estimator import MLPClassifier
 from cellatlas.deep.modules import nb_log_likelihood
-from cellatlas.errors import CellAtlasError, InputDataError
+from cellatlas.errors import CellAtlasError
 
 FAST = {"threads": 1}
 
@@ -137,17 +137,6 @@ def test_mlp_early_stopping_keeps_the_best_epoch(lognorm):
     assert m.fit_summary_["best_val_loss"] == pytest.approx(h["val_loss"].min())
 
 
-def test_nan_loss_stops_with_a_clear_error(lognorm):
-    from cellatlas.deep.plans import NonFiniteLossError
-
-    X, y, _ = lognorm
-    bad = X.copy()
-    bad.data[:50] = np.nan
-    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 0, batch \d+ .*lower 'lr'"):
-        MLPClassifier(max_epochs=3, trainer=FAST).fit(bad, y)
-    assert issubclass(NonFiniteLossError, CellAtlasError)
-
-
 @pytest.mark.parametrize("plan", ["classifier", "vae"])
 def test_nan_validation_loss_stops_the_fold_with_the_same_message(plan):
     import torch
@@ -245,15 +234,6 @@ def test_vae_keys_left_out_take_the_schemas_defaults(counts):
     assert a.obsm[LATENT].shape[1] == hp.n_latent == defaults["n_latent"]
     assert (hp.kl_weight, hp.encoder_input, hp.hidden) == (defaults["kl_weight"], defaults["encoder_input"], defaults["hidden"])
     assert result.epochs == 1
-
-
-def test_vae_needs_counts(counts):
-    from cellatlas.deep.embedding import train_vae
-
-    a = counts.copy()
-    del a.layers[keys.COUNTS_LAYER]
-    with pytest.raises(InputDataError, match="dataset 'sim': has no raw counts"):
-        train_vae(a, dataset="sim", model={}, trainer=FAST)
 
 
 def test_vae_genes_are_the_hvgs_or_chosen_by_pearson_residuals(counts, tmp_path):

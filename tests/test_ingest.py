@@ -93,67 +93,6 @@ def test_standard_columns_copied(canonical):
     assert canonical.uns[keys.UNS_KEY]["ingest"]["label_key"] == "cell_type"
 
 
-def _bad(adata, **kw):
-    with pytest.raises(InputDataError) as e:
-        canonicalize(adata, "bad", path="in.h5ad", **kw)
-    msg = str(e.value)
-    assert msg.startswith("dataset 'bad', file 'in.h5ad': ") and "\n" not in msg
-    return msg
-
-
-def test_negative_values(small):
-    small.X = small.X.toarray()
-    small.X[0, 0] = -1
-    assert "negative" in _bad(small)
-
-
-@pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_non_finite_values(small, value):
-    small.X = small.X.toarray()
-    small.X[1, 2] = value
-    assert "non-finite" in _bad(small)
-
-
-def test_non_integer_counts(small):
-    small.X = small.X.toarray() * 0.5 + 0.25
-    assert "non-integer values where counts are required" in _bad(small)
-
-
-def test_lognorm_declared_on_counts(small):
-    assert "integer counts" in _bad(small, values="lognorm")
-
-
-def test_duplicate_cell_and_gene_names(small):
-    a = small.copy()
-    a.obs_names = ["same"] * 2 + list(a.obs_names[2:])
-    assert "duplicate cell names" in _bad(a)
-    b = small.copy()
-    b.var_names = ["G"] * 3 + list(b.var_names[3:])
-    assert "duplicate gene names" in _bad(b)
-
-
-def test_missing_label_key(small):
-    msg = _bad(small, label_key="celltype")
-    assert "label_key 'celltype' is not an obs column" in msg and "cell_type" in msg
-
-
-def test_empty_matrix(small):
-    assert "empty" in _bad(small[:0].copy())
-
-
-def test_missing_and_corrupt_files(tmp_path):
-    with pytest.raises(InputDataError, match="does not exist"):
-        read_source("d", {"kind": "h5ad", "path": "nope.h5ad"}, path=str(tmp_path / "nope.h5ad"))
-    broken = tmp_path / "broken.h5ad"
-    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + b"garbage" * 10)
-    with pytest.raises(InputDataError, match=r"dataset 'd', file '.*broken.h5ad': cannot read as h5ad"):
-        read_source("d", {"kind": "h5ad", "path": str(broken)}, path=str(broken))
-    text = tmp_path / "words.csv"
-    text.write_text("cell,g1\nc1,hello\n")
-    with pytest.raises(InputDataError, match="words.csv"):
-        read_source("d", {"kind": "csv", "path": str(text)}, path=str(text))
-
-
 @pytest.fixture
 def http_root(tmp_path):
     root = tmp_path / "www"

@@ -61,8 +61,12 @@ def services(tmp_path_factory):
     try:
         s.start_slurm()
         s.start_tracking_server()
+        # this test process reads the server as the jobs write to it: with the user's credentials
+        os.environ.update(s.credentials)
         yield s
     finally:
+        for var in s.credentials:
+            os.environ.pop(var, None)
         s.stop()
 
 
@@ -90,7 +94,8 @@ def run(services, tmp_path_factory):
     profile = slurm_test_profile(ROOT / "profiles" / "slurm" / "config.yaml", workdir / "profiles" / "slurm-test")
     tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})
     before = {j["id"] for j in squeue_jobs()}
-    r = snakemake(workdir, "--workflow-profile", str(profile), "--config", f"tracking={tracking}", timeout=3000)
+    r = snakemake(workdir, "--workflow-profile", str(profile), "--config", f"tracking={tracking}", timeout=3000,
+                  env=services.credentials)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     jobs = [j for j in squeue_jobs() if j["id"] not in before]
     # the one-node test cluster reaches 127.0.0.1; a real one would not, and the user is told
@@ -158,6 +163,9 @@ def test_every_stage_run_reached_the_tracking_server(run, services):
         # the parent's id travelled to the job through sbatch's environment
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.tags["cellatlas.slurm_job_id"] in slurm_ids
+    # the password travelled in the jobs' environment only: no config, record or log holds it
+    secret = services.credentials["MLFLOW_TRACKING_PASSWORD"].encode()
+    assert not [p for p in workdir.rglob("*") if p.is_file() and secret in p.read_bytes()]
     # artifacts went to the server too (no shared artifact directory needed)
     qc = next(rec for rec in records if rec["stage"] == "qc")
     assert "histograms.png" in {a.path for a in client.list_artifacts(qc["run_id"])}
@@ -172,7 +180,7 @@ def test_data_parallel_training_starts_one_process_per_requested_device(run, ser
     profile = workdir / "profiles" / "slurm-test"
     # only the VAE's params change: only its job reruns
     r = snakemake(workdir, "--workflow-profile", str(profile), "--config", f"train={train}", f"tracking={tracking}",
-                  "--", "results/sim/train/vae/run.json", timeout=1200)
+                  "--", "results/sim/train/vae/run.json", timeout=1200, env=services.credentials)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     (job,) = [j for j in squeue_jobs() if j["id"] not in before]
     assert job["rule"] == "train_vae" and job["state"] == "COMPLETED"

@@ -33,11 +33,17 @@ def write_config(path: Path, config: dict) -> None:
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CELLATLAS_"))}
+def snakemake_command(*args: str, env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """``snakemake *args`` and its environment: this one less its MLflow and pipeline settings, plus ``env``."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CELLATLAS_"))}, **(env or {})}
     # one numba cache for every run of the session, as a user's repeated runs would have
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".snakemake" / "numba-cache"))
-    cmd = [sys.executable, "-m", "snakemake", *args]
+    return [sys.executable, "-m", "snakemake", *args], env
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 1200, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    cmd, env = snakemake_command(*args, env=env)
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,10 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from cellatlas import keys, plotting
+from cellatlas.errors import InputDataError
 from cellatlas.stage import DatasetInput, Result, plot
 
 #: QC removing more than this share of a dataset's cells is said on the terminal
 NOTE_QC_SHARE = 0.05
+#: fewest cells the maps are made of (a kNN graph, UMAP and t-SNE of fewer say nothing)
+MIN_EMBED_CELLS = 10
 
 
 def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None) -> Result:
@@ -77,6 +80,10 @@ def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, thr
     from cellatlas.embed import embed
 
     adata = ad.read_h5ad(h5ad)
+    if adata.n_obs <= max(p["n_neighbors"], MIN_EMBED_CELLS):
+        raise InputDataError(dataset, f"{adata.n_obs} cells are left to embed; the maps need more than "
+                                      f"{max(p['n_neighbors'], MIN_EMBED_CELLS)} (embed.n_neighbors and a floor of "
+                                      f"{MIN_EMBED_CELLS}): check subset and the QC thresholds")
     summary = embed(
         adata, n_pcs=p["n_pcs"], scale=p["scale"], n_neighbors=p["n_neighbors"], umap_min_dist=p["umap_min_dist"],
         tsne_perplexity=p["tsne_perplexity"], seed=seed, n_jobs=threads,

@@ -114,6 +114,11 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
     if "atlas" in config:
         atlases(config)
     _check_simulations(config)
+    fixed = config.get("qc", {}).get("fixed", {})
+    for low, high in (("min_genes", "max_genes"), ("min_counts", "max_counts")):
+        if fixed.get(low) is not None and fixed.get(high) is not None and fixed[low] > fixed[high]:
+            raise ConfigError(f"config key 'qc.fixed.{low}': {fixed[low]} is above qc.fixed.{high} ({fixed[high]}); "
+                              "no cell could pass")
     cl = config.get("cluster", {})
     if "marker_resolution" in cl and cl["marker_resolution"] not in cl.get("resolutions", []):
         raise ConfigError(

@@ -59,6 +59,9 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
 
     if path is None or not os.path.exists(path):
         raise InputDataError(dataset, "file does not exist", path=path)
+    if os.path.isdir(path) and fmt != "10x_mtx":
+        raise InputDataError(dataset, f"is a folder, not a {fmt} file (a Cell Ranger matrix folder is kind: 10x_mtx)",
+                             path=path)
     try:
         if fmt == "10x_mtx":
             import scanpy as sc
@@ -73,6 +76,7 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
             adata = ad.read_h5ad(path)
         elif fmt == "csv":
             sep = "\t" if ".tsv" in Path(path).name else ","
+            _check_header(path, sep, dataset)
             frame = pd.read_csv(path, sep=sep, index_col=0)
             if source.get("genes_as_rows", False):
                 frame = frame.T
@@ -93,6 +97,24 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
     except Exception as e:  # corrupt or truncated files raise anything from OSError to KeyError
         raise InputDataError(dataset, f"cannot read as {fmt}: {type(e).__name__}: {e}", path=path) from e
     return adata
+
+
+def _check_header(path: str, sep: str, dataset: str) -> None:
+    """pandas renames a repeated column (``g1.1``) and names an empty one (``Unnamed: 2``): refuse both."""
+    import csv
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep), [])[1:]
+    if any(not name.strip() for name in header):
+        raise InputDataError(dataset, f"column {1 + next(i for i, n in enumerate(header) if not n.strip()) + 1} of "
+                                      "the header has no name", path=path)
+    seen = pd.Index(header)
+    if seen.has_duplicates:
+        dup = seen[seen.duplicated()].unique()
+        raise InputDataError(dataset, f"{len(dup)} names repeated in the header (e.g. {', '.join(map(str, dup[:3]))})",
+                             path=path)
 
 
 #: names that only a cell has (a 10x barcode: 14 or 16 bases) or only a gene has (an Ensembl id, a

@@ -58,7 +58,9 @@ def _resolve(client, uri: str) -> tuple[str, str]:
     name, _, rest = ref.partition("@") if "@" in ref else ref.partition("/")
     version = (client.get_model_version_by_alias(name, rest) if "@" in ref
                else client.get_model_version(name, rest))
-    return version.run_id, f"models:/{name}/{version.version}"
+    # the logged model itself: a registry download may add files of its own, which the digest never saw
+    model_id = getattr(version, "model_id", None)
+    return version.run_id, f"models:/{model_id}" if model_id else version.source
 
 
 def load_model(uri: str, *, tracking_uri: str | None = None):

@@ -45,8 +45,15 @@ def normalize(
     batch_key = keys.BATCH if batch_aware and keys.BATCH in adata.obs else None
     if batch_key is not None and adata.obs[batch_key].nunique() < 2:
         batch_key = None
+    if not _any_gene_varies(adata.X):
+        raise InputDataError(dataset, f"no gene varies across its {adata.n_obs} cells ({adata.n_vars} genes): there is "
+                                      "nothing to select or embed; check the source and the QC thresholds")
     # seurat flavor works on log data; seurat_v3 would need counts and an extra package.
-    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat", batch_key=batch_key)
+    try:
+        sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat", batch_key=batch_key)
+    except (IndexError, ValueError) as e:  # too few distinct values for scanpy's dispersion bins
+        raise InputDataError(dataset, f"highly variable genes cannot be selected ({' '.join(str(e).split())[:150]}); "
+                                      "too few genes vary") from e
     n_hvg = int(adata.var["highly_variable"].sum())
     if n_hvg == 0:
         raise InputDataError(dataset, "no highly variable genes found")
@@ -56,6 +63,18 @@ def normalize(
         "summary": summary,
     }
     return summary
+
+
+def _any_gene_varies(X) -> bool:
+    import numpy as np
+    import scipy.sparse as sp
+
+    if X.shape[0] < 2:
+        return False
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    if sp.issparse(lo):
+        lo, hi = lo.toarray(), hi.toarray()
+    return bool(np.any(np.asarray(hi) != np.asarray(lo)))
 
 
 def hvg_table(adata):

@@ -166,15 +166,13 @@ SCRATCH = Path(".snakemake") / "cellatlas-scratch"
 
 
 def scratch_folder(job: str) -> Path:
-    """An empty scratch folder for ``job``, made the process's temporary directory."""
+    """An empty scratch folder for ``job``, owned by this process."""
     from cellatlas.liveness import identity
 
     folder = (SCRATCH / re.sub(r"[^A-Za-z0-9_.-]+", "_", job)).resolve()
     shutil.rmtree(folder, ignore_errors=True)  # a killed earlier run of this job left it
     folder.mkdir(parents=True)
     (folder / "owner.json").write_text(json.dumps(identity()))
-    os.environ["TMPDIR"] = str(folder)
-    tempfile.tempdir = str(folder)
     return folder
 
 
@@ -222,6 +220,9 @@ def run_stage(smk, stage: str, compute: Callable[[Any, Live], Any], *, step: str
     outputs = dict(smk.output.items())
     log.info("%s, threads %s", name, smk.threads)
     workspace = scratch_folder(name)
+    # the job's temporary files (Lightning's, MLflow's staging) go there too
+    previous_tmp = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(workspace)
     try:
         with stage_run(stage, dataset, params=params_of(smk), record=smk.output.run, name=name, tags=tags) as run:
             check_model_inputs(run.client, dict(smk.input.items()))
@@ -248,4 +249,9 @@ def run_stage(smk, stage: str, compute: Callable[[Any, Live], Any], *, step: str
         log.error("the tracking store failed", exc_info=e)  # the whole story stays in the job's log
         _fail(f"cellatlas error in stage {stage}: {lost}", stream, terminal)
     finally:
+        tempfile.tempdir = previous_tmp[0]
+        if previous_tmp[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_tmp[1]
         shutil.rmtree(workspace, ignore_errors=True)
