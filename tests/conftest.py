@@ -9,6 +9,25 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 SHARED_DATA = Path(os.environ.get("CELLATLAS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def task_obs():
+    """600 cells, 3 classes, 6 donors nested in 2 batches, a numeric 'program' (the classify tests' obs)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 600
+    donor = rng.integers(0, 6, n)
+    return pd.DataFrame(
+        {
+            "label": pd.Categorical(rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])),
+            "donor": pd.Categorical([f"d{d}" for d in donor]),
+            "batch": pd.Categorical([f"b{d % 2}" for d in donor]),
+            "program": rng.normal(size=n),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+
+
 @pytest.fixture
 def sim_counts():
     """A small simulated counts AnnData (600 cells, 3 types, 4 donors in 2 batches)."""

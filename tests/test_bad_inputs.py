@@ -39,7 +39,7 @@ import yaml
 from cellatlas import keys
 from cellatlas.config import validate
 from cellatlas.errors import CellAtlasError
-from conftest import ROOT
+from conftest import ROOT, task_obs
 
 SCHEMA = ROOT / "config" / "schema" / "config.schema.yaml"
 MAX_MESSAGE = 400
@@ -696,22 +696,6 @@ QC_CASES = [
     Case("qc-mad-capped-at-max_pct_mt-zero", qc_with({"fixed": {"max_pct_mt": 0}}),
          no_cells(r"pct_counts_mt in \[-inf, 0\]")),
 ]
-
-
-def task_obs() -> pd.DataFrame:
-    """600 cells, 3 classes, 6 donors nested in 2 batches, a numeric 'program' (the classify tests' obs)."""
-    rng = np.random.default_rng(0)
-    n = 600
-    donor = rng.integers(0, 6, n)
-    return pd.DataFrame(
-        {
-            "label": pd.Categorical(rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])),
-            "donor": pd.Categorical([f"d{d}" for d in donor]),
-            "batch": pd.Categorical([f"b{d % 2}" for d in donor]),
-            "program": rng.normal(size=n),
-        },
-        index=[f"cell{i}" for i in range(n)],
-    )
 
 
 def folds_with(change: Callable[[pd.DataFrame], pd.DataFrame] = same, **split):

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import task_obs
 
 from cellatlas import keys
 from cellatlas.classify.splits import Folds, make_folds
@@ -11,19 +12,7 @@ from cellatlas.errors import TaskError
 
 @pytest.fixture
 def obs():
-    """600 cells, 3 classes, 6 donors nested in 2 batches."""
-    rng = np.random.default_rng(0)
-    n = 600
-    donor = rng.integers(0, 6, n)
-    return pd.DataFrame(
-        {
-            "label": pd.Categorical(rng.choice(["a", "b", "c"], n, p=[0.5, 0.3, 0.2])),
-            "donor": pd.Categorical([f"d{d}" for d in donor]),
-            "batch": pd.Categorical([f"b{d % 2}" for d in donor]),
-            "program": rng.normal(size=n),
-        },
-        index=[f"cell{i}" for i in range(n)],
-    )
+    return task_obs()
 
 
 def _folds(obs, **kw):

@@ -178,6 +178,25 @@ def test_a_server_lost_in_the_middle_of_a_job_ends_it_with_one_line(server, tmp_
     assert "Traceback" in Path(job.log[0]).read_text()  # the whole story stays in the job's log
 
 
+def test_a_job_that_passed_the_server_check_just_before_the_outage_ends_with_one_line(server, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from cellatlas.runner import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    check = tracking.check_server
+
+    def check_then_outage(uri, **kw):
+        check(uri, **kw)
+        server["stop"]()
+
+    monkeypatch.setattr(tracking, "check_server", check_then_outage)
+    with pytest.raises(SystemExit):
+        run_stage(_Job(tmp_path), "qc", lambda smk, live: pytest.fail("the stage must not compute"), step="qc")
+    sys.stderr = sys.__stderr__
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith("cellatlas error in stage qc: lost the MLflow tracking store " + server["uri"])
+
+
 def test_the_end_of_an_invocation_survives_a_dead_server(server, tmp_path, monkeypatch, capsys):
     invocation.start_parent(uri=server["uri"], experiment="t", config={"a": 1}, workdir=tmp_path)
     for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH,

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import cluster
@@ -200,3 +201,34 @@ def test_cluster_jobs_refuse_to_share_the_sqlite_store(run):
     assert r.returncode != 0
     assert "cannot share the SQLite store" in r.stderr and "tracking.uri" in r.stderr
     assert {j["id"] for j in squeue_jobs()} == before
+
+
+def test_a_cluster_job_of_a_killed_invocation_is_cancelled_and_its_run_closed(services, tmp_path):
+    """On a real cluster Snakemake and its jobs are on different hosts, so a job cannot watch
+    Snakemake; the next invocation cancels the jobs whose invocation is gone."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from cellatlas import liveness
+
+    out = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 300", "-o", str(tmp_path / "job.out")],
+                         capture_output=True, text=True, check=True)
+    job_id = out.stdout.strip().split(";")[0]
+    client = MlflowClient(services.tracking_uri)
+    exp = client.create_experiment("orphans")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = client.create_run(exp, tags={**liveness.identity(dead.pid), "cellatlas.kind": "pipeline"}).info.run_id
+    child = client.create_run(exp, tags={liveness.TAG_HOST: "node042", liveness.TAG_PID: "1",
+                                         liveness.TAG_SLURM: job_id, "mlflow.parentRunId": parent}).info.run_id
+    deadline = time.monotonic() + 60
+    while liveness.slurm_state(job_id) != liveness.ALIVE:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    found = liveness.reap(client, exp, by="the test")
+    assert len(found["killed"]) == 2
+    assert "cancelled: its Snakemake process is gone" in client.get_run(child).data.tags["cellatlas.notes"]
+    while liveness.slurm_state(job_id) == liveness.ALIVE:  # scancel is asynchronous
+        assert time.monotonic() < deadline
+        time.sleep(1)

@@ -166,11 +166,16 @@ def test_classify_models_are_evaluated_compared_and_logged(workdir):
     assert logged_model.experiment_id == run.info.experiment_id and logged_model.source_run_id == rec["run_id"]
     assert not (workdir / "mlruns").exists()  # everything under results/
     assert logged_model.name == "sim5k-cell_type-logistic_regression"
-    logged = mlflow.pyfunc.load_model(run.data.tags["cellatlas.model_uri"]).predict(cells)
+    from cellatlas.modelstore import load_model
+
+    # loaded as the README says: after its files matched the digest its run recorded
+    assert run.data.tags["cellatlas.model_sha256"] == rec["model_sha256"]
+    assert run.data.tags["cellatlas.sha256.model.joblib"] == rec["files_sha256"]["model.joblib"]
+    logged = load_model(run.data.tags["cellatlas.model_uri"]).predict(cells)
     assert list(logged) == list(joblib.load(base / "model.joblib").predict(cells))
     # the task's best model is in the Model Registry under a stable name; the alias loads it
     best = cls.sort_values("rank").index[0]
-    registered = mlflow.pyfunc.load_model("models:/cellatlas.sim5k.cell_type@best").predict(cells)
+    registered = load_model("models:/cellatlas.sim5k.cell_type@best").predict(cells)
     assert list(registered) == list(joblib.load(base.parent / best / "model.joblib").predict(cells))
 
 

@@ -111,7 +111,9 @@ def test_a_copied_results_folder_shows_its_artifacts_and_writes_only_into_itself
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{copy / 'results' / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/cellatlas.sim5k.cell_type@best")
+    from cellatlas.modelstore import load_model
+
+    model = load_model("models:/cellatlas.sim5k.cell_type@best")
     assert model.metadata.run_id
 
 

@@ -77,7 +77,8 @@ def start_parent(*, uri: str, experiment: str, config: Mapping[str, Any], workdi
         shown = ", ".join(found["killed"][:5]) + (" ..." if len(found["killed"]) > 5 else "")
         print(f"cellatlas: marked {len(found['killed'])} run(s) KILLED whose process is gone: {shown}", file=sys.stderr)
     if found["unknown"]:
-        print(f"cellatlas: {len(found['unknown'])} run(s) RUNNING on other hosts left as they are", file=sys.stderr)
+        print(f"cellatlas: {len(found['unknown'])} run(s) RUNNING left as they are (on another host without a SLURM "
+              "job id, or another user's)", file=sys.stderr)
     previous = previous_parent(client, exp_id)
     params = flatten(science(config))
     tags = {**common_tags(), naming.TAG_KIND: "pipeline", naming.TAG_STATUS: "running", naming.TAG_STAGE: "pipeline"}

@@ -130,8 +130,13 @@ def reap(client, experiment_id: str, *, by: str, parent: str | None = None) -> d
             subprocess.run(["scancel", run.data.tags[TAG_SLURM]], capture_output=True, timeout=20)
             state, who = GONE, f"SLURM job {run.data.tags[TAG_SLURM]} (cancelled: its Snakemake process is gone)"
         if state == GONE:
-            close_killed(client, run.info.run_id, f"marked KILLED by {by}: {who} ended without closing this run "
-                                                  "(killed, e.g. by SIGKILL or a job limit, or its server was lost)")
+            try:
+                close_killed(client, run.info.run_id, f"marked KILLED by {by}: {who} ended without closing this "
+                                                      "run (killed, e.g. by SIGKILL or a job limit, or its server was lost)")
+            except Exception as e:  # another user's run on a shared server: theirs to close
+                log.warning("could not mark run %s KILLED: %s", run.info.run_id, " ".join(str(e).split())[:200])
+                found["unknown"].append(run.info.run_name)
+                continue
             found["killed"].append(run.info.run_name)
         elif state == UNKNOWN:
             found["unknown"].append(run.info.run_name)
