@@ -265,6 +265,8 @@ def start_tracking():
     # an unreachable server must fail a job in seconds, not after MLflow's ~4 minutes of retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    # a progress bar per model read back for its digest would fill the job logs
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(".snakemake", "numba-cache").resolve()))
     Path("results").mkdir(exist_ok=True)
     from cellatlas.runner import clear_scratch
