@@ -191,3 +191,21 @@ def test_the_readme_recipe_names_this_server():
     readme = (ROOT / "README.md").read_text()
     assert "cellatlas-server --dir" in readme and "mlflow server --host 0.0.0.0" not in readme
     assert shutil.which("cellatlas-server", path=str(Path(sys.executable).parent))
+
+
+def test_a_server_opened_to_the_network_accepts_this_hosts_names_only_unless_told():
+    import argparse
+
+    from cellatlas.server import server_command
+
+    args = argparse.Namespace(dir="srv", host="0.0.0.0", port=5000, backend_store_uri=None,
+                              artifacts_destination=None, allowed_hosts=None, workers=2)
+    cmd = server_command(args)
+    allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert f"{socket.gethostname()}:5000" in allowed and "localhost:5000" in allowed
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    args.allowed_hosts = "login01:5000"
+    cmd = server_command(args)
+    assert cmd[cmd.index("--allowed-hosts") + 1] == "login01:5000"
+    args.host, args.allowed_hosts = "127.0.0.1", None
+    assert "--allowed-hosts" not in server_command(args)

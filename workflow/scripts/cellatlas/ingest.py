@@ -41,10 +41,8 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
     kind = source["kind"]
     fmt = source.get("format", kind) if kind == "url" else kind
     if kind == "simulate":
-        from cellatlas.simulate import SimulationParams, simulate_counts
-
         from cellatlas.resources import check_memory
-        from cellatlas.simulate import estimate_bytes
+        from cellatlas.simulate import SimulationParams, estimate_bytes, simulate_counts
 
         fields = SimulationParams.__dataclass_fields__
         params = SimulationParams(**{k: v for k, v in source.items() if k in fields})
@@ -107,9 +105,9 @@ def _check_header(path: str, sep: str, dataset: str) -> None:
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", newline="") as fh:
         header = next(csv.reader(fh, delimiter=sep), [])[1:]
-    if any(not name.strip() for name in header):
-        raise InputDataError(dataset, f"column {1 + next(i for i, n in enumerate(header) if not n.strip()) + 1} of "
-                                      "the header has no name", path=path)
+    blank = [column for column, name in enumerate(header, start=2) if not name.strip()]  # column 1: cell names
+    if blank:
+        raise InputDataError(dataset, f"column {blank[0]} of the header has no name", path=path)
     seen = pd.Index(header)
     if seen.has_duplicates:
         dup = seen[seen.duplicated()].unique()
@@ -131,8 +129,8 @@ def _share(names, pattern: re.Pattern) -> float:
 def _check_orientation(cells, genes, dataset: str, path: str | None, genes_as_rows: bool) -> None:
     """Refuse a table read the wrong way round: the cell side named like genes (an Ensembl id or an
     MT- gene among them) or the gene side like barcodes, while the other side is not."""
-    as_cells = _share(cells, _BARCODE) > 0.5 or _share(genes, _GENE) > 0 and _share(cells, _GENE) == 0
-    as_genes = _share(genes, _BARCODE) > 0.5 or _share(cells, _GENE) > 0 and _share(genes, _GENE) == 0
+    as_cells = _share(cells, _BARCODE) > 0.5 or (_share(genes, _GENE) > 0 and _share(cells, _GENE) == 0)
+    as_genes = _share(genes, _BARCODE) > 0.5 or (_share(cells, _GENE) > 0 and _share(genes, _GENE) == 0)
     if as_genes and not as_cells:
         side = "rows" if genes_as_rows else "columns"
         example = next((str(n) for n in cells if _GENE.search(str(n))), str(cells[0]))

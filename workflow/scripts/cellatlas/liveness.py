@@ -27,12 +27,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-log = logging.getLogger(__name__)
+from cellatlas.naming import TAG_HOST, TAG_NOTES, TAG_PID, TAG_PID_START, TAG_SLURM, TAG_STATUS
 
-TAG_HOST = "cellatlas.host"
-TAG_PID = "cellatlas.pid"
-TAG_PID_START = "cellatlas.pid_start"
-TAG_SLURM = "cellatlas.slurm_job_id"
+log = logging.getLogger(__name__)
 
 #: the Snakemake process of the invocation, exported to its jobs by the parent run's process
 ENV_SNAKEMAKE_PID = "CELLATLAS_SNAKEMAKE_PID"
@@ -103,8 +100,6 @@ def run_state(tags: Mapping[str, str]) -> tuple[str, str]:
 
 
 def close_killed(client, run_id: str, why: str) -> None:
-    from cellatlas.naming import TAG_NOTES, TAG_STATUS
-
     client.set_tag(run_id, TAG_STATUS, "killed")
     client.set_tag(run_id, TAG_NOTES, why[:4900])
     client.set_terminated(run_id, status="KILLED")

@@ -21,10 +21,9 @@ from typing import Any
 
 from cellatlas.datasets import file_digest
 from cellatlas.errors import CellAtlasError
-
-#: the run tag holding the logged model's digest; the file tags ``cellatlas.sha256.<output>``
-TAG_SHA256 = "cellatlas.model_sha256"
-FILE_TAG = "cellatlas.sha256."
+# the run tags holding a logged model's digest and, per file name, a written model file's
+from cellatlas.naming import TAG_FILE_SHA256 as FILE_TAG
+from cellatlas.naming import TAG_MODEL_SHA256 as TAG_SHA256
 
 
 class ModelIntegrityError(CellAtlasError):

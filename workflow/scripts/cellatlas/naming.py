@@ -16,6 +16,14 @@ TAG_DATASET = "cellatlas.dataset"
 TAG_STATUS = "cellatlas.status"
 TAG_NOTES = "cellatlas.notes"        # warnings that change a result's meaning
 TAG_MODEL_URI = "cellatlas.model_uri"
+TAG_MODEL_SHA256 = "cellatlas.model_sha256"  # sha256 of the logged model's files (cellatlas.modelstore)
+TAG_FILE_SHA256 = "cellatlas.sha256."        # + file name: sha256 of a model file the job wrote
+TAG_PRUNED = "cellatlas.pruned"              # when cellatlas-prune deleted the run's artifacts
+#: who runs a run (cellatlas.liveness): closed as KILLED once that process or job is gone
+TAG_HOST = "cellatlas.host"
+TAG_PID = "cellatlas.pid"
+TAG_PID_START = "cellatlas.pid_start"        # the pid's start time: a reused pid is another process
+TAG_SLURM = "cellatlas.slurm_job_id"
 
 #: metric prefixes (MLflow's chart view groups metrics by the part before the first "/")
 CV = "cv"          # cross-validated: mean over folds (cv/macro_f1), sample sd (cv/macro_f1_sd)

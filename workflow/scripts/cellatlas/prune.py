@@ -21,9 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from cellatlas.naming import TAG_KIND
-
-TAG_PRUNED = "cellatlas.pruned"
+from cellatlas.naming import TAG_KIND, TAG_PRUNED
 
 
 def referenced(results: Path) -> set[str]:

@@ -11,7 +11,8 @@ id and metrics into a declared output, so every result is traceable to its run.
 A tracking server that cannot be reached fails the job before it computes anything, within
 about half a minute, with one line naming the server and the host (:func:`check_server`): a
 result that is not in the tracker is never produced silently. A server lost in the middle of a
-job fails it once MLflow's own retries (2, set by the Snakefile) are spent.
+job fails it once MLflow's own retries (2, set by the Snakefile) are spent, in one line too
+(:func:`lost_tracking`); runs that could not be closed are closed by :mod:`cellatlas.liveness`.
 """
 
 from __future__ import annotations
@@ -384,7 +385,6 @@ class StageRun:
         self._record_model_digest(info.model_uri)
         self.artifacts.append(name)
         return info.model_uri
-
 
     def _record_model_digest(self, model_uri: str) -> None:
         """The sha256 of the files as the store holds them, read back once they are logged."""
