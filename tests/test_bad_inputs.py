@@ -992,6 +992,30 @@ def constant(a):
     return a
 
 
+def _integrate_batches(tiny: int):
+    """The integrate stage on an embedded dataset whose third batch has ``tiny`` cells."""
+
+    def build(tmp_path):
+        from cellatlas.embed import pca
+        from cellatlas.ingest import canonicalize
+        from cellatlas.integrate.stages import method_stage
+        from cellatlas.normalize import normalize
+        from cellatlas.simulate import simulate_counts
+
+        a = simulate_counts(n_cells=200, n_genes=150, n_types=2, n_donors=2, n_batches=2, seed=1)
+        a = canonicalize(a, DS, label_key="cell_type", batch_key="batch", donor_key="donor")
+        a.obs["batch"] = a.obs["batch"].astype(str)
+        a.obs.iloc[:tiny, a.obs.columns.get_loc("batch")] = "tiny"
+        normalize(a, DS, target_sum=1e4, n_top_genes=100, batch_aware=False)
+        pca(a, n_pcs=10)
+        a.write_h5ad(tmp_path / "embed.h5ad")
+        return lambda: method_stage(h5ad=str(tmp_path / "embed.h5ad"), dataset=DS, method="harmony", params={},
+                                    settings={"min_batch_cells": 10, "holdout": False, "holdout_donor": None},
+                                    embed={"n_pcs": 10, "scale": True, "n_neighbors": 10})
+
+    return build
+
+
 def _embed_cells(n: int):
     def build(tmp_path):
         from cellatlas.chain import embed_stage
@@ -1038,6 +1062,15 @@ RELIABILITY_CASES = [
          key("datasets.remote.source.filename", "'..' does not match")),
     Case("config-url-filename-dot", config_with(with_remote(set_key("datasets.remote.source.filename", "."))),
          key("datasets.remote.source.filename", "'.' does not match")),
+    Case("config-integration-dataset-without-batches", config_with(set_key("integration.datasets", ["pbmc68k"])),
+         key("integration.datasets", "dataset 'pbmc68k' has no batch_key; integration needs to know each cell's batch")),
+    Case("config-integration-use-not-run",
+         config_with(both(set_key("integration.methods", ["harmony"]), set_key("integration.use", "bbknn"))),
+         key("integration.use", re.escape("'bbknn' is not one of integration.methods ['pca', 'harmony']"))),
+    Case("config-integration-method-unknown", config_with(set_key("integration.methods", ["scanorama"])),
+         key("integration.methods.0", f"'scanorama' {_NOT_ONE_OF}")),
+    Case("config-integration-max-bio-loss-above-one", config_with(set_key("integration.max_bio_loss", 2)),
+         key("integration.max_bio_loss", "2 is greater than the maximum of 1")),
     Case("config-qc-min_genes-above-max_genes",
          config_with(both(set_key("qc.fixed.min_genes", 300), set_key("qc.fixed.max_genes", 200))),
          key("qc.fixed.min_genes", r"300 is above qc.fixed.max_genes \(200\); no cell could pass")),
@@ -1071,6 +1104,9 @@ RELIABILITY_CASES = [
          in_dataset(r"no gene varies across its 60 cells \(120 genes\)")),
     Case("embed-three-cells", _embed_cells(3),
          in_dataset(r"3 cells are left to embed; the maps need more than 10 \(embed.n_neighbors")),
+    Case("integrate-batch-of-three-cells", _integrate_batches(3),
+         in_dataset(r"batch 'tiny' has 3 cells after QC; integration needs at least 10 per batch "
+                    r"\(integration.min_batch_cells\): drop it")),
     Case("deep-mlp-nan-validation-loss", _nan_validation,
          r"^validation loss became nan at epoch 0, batch 0 .*lower 'lr'"),
     Case("model-file-changed", _model_file("0" * 64),

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 #: the rule SLURM kills on its first attempt (350 MB: less than Snakemake's job process and the
 #: script's imports together), and what its first attempt may have
 STARVED_RULE, STARVED_MB = "atlas_reference", 350
-TRAIN_RULES = ("train_mlp", "train_vae")
+TRAIN_RULES = ("train_mlp", "train_vae", "integrate_vae")
 
 
 def slurm_test_profile(src: Path, dst: Path) -> Path:

@@ -22,6 +22,7 @@ CLASSIFY_RUNS = [
     "classify:sim5k/cell_type/comparison", "regress:sim5k/program/comparison",
     "classify:sim5k/cell_type/mlp", "train:sim5k/vae", "train:sim5k/vae/cluster",
     "atlas:a/reference", "atlas:a/reference/vae", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas:a/sim5k_q/comparison",
+    *[f"integrate:sim5k/{m}" for m in ("pca", "harmony", "bbknn", "vae")], "integrate:sim5k",
 ]
 
 
@@ -92,10 +93,11 @@ def test_mlflow_parent_with_one_finished_child_per_stage(workdir):
     assert stages["train:sim5k/vae"] == "train" and stages["atlas:a/sim5k_q/latent"] == "atlas"
     cluster = next(r for r in children if r.info.run_name == "cluster:sim5k")
     (inp,) = cluster.inputs.dataset_inputs
-    assert inp.dataset.name == "sim5k" and json.loads(inp.dataset.source) == {"uri": "results/sim5k/embed.h5ad"}
+    # sim5k is integrated: its clusters are made of the integrate stage's graph
+    assert inp.dataset.name == "sim5k" and json.loads(inp.dataset.source) == {"uri": "results/sim5k/integrate.h5ad"}
     from cellatlas.datasets import file_digest
 
-    assert inp.dataset.digest == file_digest(workdir / "results" / "sim5k" / "embed.h5ad")
+    assert inp.dataset.digest == file_digest(workdir / "results" / "sim5k" / "integrate.h5ad")
 
 
 def test_the_parent_run_tells_the_invocations_story(workdir):
@@ -224,6 +226,45 @@ def test_lightning_models_train_with_live_curves_in_mlflow(workdir):
         assert (vae / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_integration_methods_are_scored_and_the_best_feeds_the_clusters(workdir):
+    from cellatlas.integrate import METHODS as INTEGRATION
+    from cellatlas.integrate.scores import choose
+
+    base = workdir / "results" / "sim5k" / "integrate"
+    table = pd.read_csv(base / "scores.tsv", sep="\t")
+    assert list(table["method"]) == ["pca", "harmony", "bbknn", "vae"] and (table["status"] == "ok").all()
+    assert table[["ilisi", "kbet", "graph_connectivity", "clisi", "nmi", "ari", "total", "batch_mixing"]].notna().all().all()
+    # a graph has no embedding metrics; only the methods that place new cells have held-out scores
+    t = table.set_index("method")
+    assert t[["bras", "label_asw"]].isna().loc["bbknn"].all() and t[["bras", "label_asw"]].notna().drop("bbknn").all().all()
+    assert t.loc[["pca", "vae"], "heldout_total"].notna().all() and t.loc[["harmony", "bbknn"], "heldout_total"].isna().all()
+    assert t.loc["vae", "heldout_donor"] == "donor_3"
+    choice = json.loads((base / "choice.json").read_text())
+    assert table["chosen"].sum() == 1 and t.index[t["chosen"]][0] == choice["method"]
+    assert choose(table, use="best", max_bio_loss=0.05, order=INTEGRATION) == (choice["method"], choice["reason"])
+    # the cluster stage read the chosen graph: its batch mixing is the chosen method's
+    clustered = ad.read_h5ad(workdir / "results" / "sim5k" / "cluster.h5ad")
+    assert clustered.uns["cellatlas"]["integrate"]["method"] == choice["method"]
+    s = pd.read_csv(workdir / "results" / "summary.tsv", sep="\t").set_index("dataset")
+    assert s.loc["sim5k", "integration"] == choice["method"]
+    assert s.loc["sim5k", "batch_mixing"] == pytest.approx(t.loc[choice["method"], "batch_mixing"], abs=1e-4)
+    for png in ("scores.png", "umap.png", "tsne.png"):
+        assert (base / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every method a run with scIB's metrics in the scheme; the table in the parent, with headlines
+    client = _client(workdir)
+    run = client.get_run(json.loads((base / "harmony" / "run.json").read_text())["run_id"])
+    assert run.info.run_name == "integrate:sim5k/harmony" and run.data.tags["cellatlas.stage"] == "integrate"
+    assert run.data.metrics["bio/ari"] == pytest.approx(t.loc["harmony", "ari"], abs=1e-6)
+    assert run.data.metrics["batch/ilisi"] == pytest.approx(t.loc["harmony", "ilisi"], abs=1e-6)
+    vae = client.get_run(json.loads((base / "vae" / "run.json").read_text())["run_id"])
+    assert vae.data.metrics["heldout/total"] == pytest.approx(t.loc["vae", "heldout_total"], abs=1e-6)
+    (parent,) = [r for r in _runs(workdir) if r.data.tags.get("cellatlas.kind") == "pipeline"]
+    assert "integration.tsv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["cellatlas.integration.sim5k"] == choice["method"]
+    for m in ("pca", "harmony", "bbknn", "vae"):
+        assert parent.data.metrics[f"sim5k/integration/{m}/total"] == pytest.approx(t.loc[m, "total"], abs=1e-4)
+
+
 def test_reruns_only_what_changed(workdir):
     r = snakemake(workdir, "--cores", "2")
     assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr
@@ -248,6 +289,14 @@ def test_reruns_only_what_changed(workdir):
         assert _jobs(r.stdout) == {"classify_model", "classify_compare", "atlas_map", "atlas_compare", "summary", "all"}
         assert "model=knn" in r.stdout and "model=logistic_regression" not in r.stdout
         assert "method=classifier" in r.stdout and "method=projection" not in r.stdout
+        # one integration method's parameter: that method and what reads the choice, no other method
+        changed = json.loads(json.dumps(CONFIG))
+        changed["integration"]["params"] = {"harmony": {"theta": 1.0}}
+        write_config(workdir, changed)
+        r = snakemake(workdir, "--cores", "2", "--dry-run")
+        assert r.returncode == 0, r.stderr
+        assert _jobs(r.stdout) == {"integrate", "integrate_compare", "cluster", "cluster_vae", "summary", "all"}
+        assert "method=harmony" in r.stdout and not re.search(r"method=(pca|bbknn)", r.stdout)
         # a new query is mapped onto the reference map as it is: no reference stage reruns
         changed = json.loads(json.dumps(CONFIG))
         changed["datasets"]["sim5k_q2"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_2"]}}}

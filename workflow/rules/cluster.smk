@@ -1,6 +1,6 @@
 rule cluster:
     input:
-        "results/{dataset}/embed.h5ad",
+        get_cluster_input,
     output:
         h5ad="results/{dataset}/cluster.h5ad",
         agreement="results/{dataset}/cluster/agreement.tsv",

@@ -119,6 +119,40 @@ def get_embedding_datasets():
     return embedding_datasets(config)
 
 
+def get_integrations():
+    """{dataset: methods} of integration (cellatlas.config.integrations)."""
+    from cellatlas.config import integrations
+
+    return integrations(config)
+
+
+def get_integration_params(wildcards):
+    """Params function: the one method's params (a change to another method reruns nothing here)."""
+    return config["integration"]["params"].get(wildcards.method, {})
+
+
+def get_integration_settings():
+    return {k: config["integration"][k] for k in ("min_batch_cells", "holdout", "holdout_donor")}
+
+
+def get_integration_method_files(wildcards):
+    methods = get_integrations().get(wildcards.dataset)
+    if methods is None:
+        raise WorkflowError(f"dataset '{wildcards.dataset}' is not integrated (integration.datasets)")
+    files = {}
+    for m in methods:
+        files[f"embedding_{m}"] = f"results/{wildcards.dataset}/integrate/{m}/embedding.h5ad"
+        files[f"scores_{m}"] = f"results/{wildcards.dataset}/integrate/{m}/scores.tsv"
+    return files
+
+
+def get_cluster_input(wildcards):
+    """The cluster stage reads the integrated graph and maps where the dataset is integrated."""
+    if wildcards.dataset in get_integrations():
+        return f"results/{wildcards.dataset}/integrate.h5ad"
+    return f"results/{wildcards.dataset}/embed.h5ad"
+
+
 def get_atlases():
     from cellatlas.config import atlases
 
@@ -192,6 +226,7 @@ def get_atlas_comparisons():
 def get_vae_datasets():
     """Datasets whose VAE is trained: train.embedding's, and references of latent-method atlases."""
     chosen = list(get_embedding_datasets())
+    chosen += [ds for ds, methods in get_integrations().items() if "vae" in methods and ds not in chosen]
     for spec in get_atlases().values():
         if "latent" in spec["methods"] and spec["reference"] not in chosen:
             chosen.append(spec["reference"])
@@ -200,7 +235,12 @@ def get_vae_datasets():
 
 def get_summary_records():
     records = [f"results/{ds}/{stage}/run.json" for ds in config["datasets"] for stage in STAGE_FILES]
+    records += [f"results/{ds}/integrate/run.json" for ds in get_integrations()]
     return records + [f"results/{ds}/train/vae/{part}run.json" for ds in get_vae_datasets() for part in ("", "cluster/")]
+
+
+def get_integration_tables():
+    return [f"results/{ds}/integrate/scores.tsv" for ds in get_integrations()]
 
 
 def get_comparisons():
@@ -214,6 +254,7 @@ def get_final_outputs():
         "results/summary.tsv",
         "results/models.tsv",
         "results/atlas.tsv",
+        "results/integration.tsv",
         *get_summary_records(),
         *get_comparisons(),
         *get_atlas_comparisons(),
@@ -245,6 +286,8 @@ def get_tracking_uri():
 def get_all_records():
     """Every stage run record this config's results come from (the parent's runs.tsv)."""
     records = [*get_summary_records(), "results/summary/run.json"]
+    for ds, methods in get_integrations().items():
+        records += [f"results/{ds}/integrate/{m}/run.json" for m in methods]
     for (ds, task), spec in get_tasks().items():
         base = f"results/{ds}/{spec['dir']}/{task}"
         records += [f"{base}/split/run.json", f"{base}/comparison/run.json"]

@@ -10,6 +10,7 @@ def compute(smk, live):
     from cellatlas.tracking import ENV_CONFIG_HASH
 
     return summary_stage(records=smk.input.records, comparisons=smk.input.comparisons, atlases=smk.input.atlases,
+                         integrations=smk.input.integrations,
                          config_hash=os.environ.get(ENV_CONFIG_HASH, "unknown"))
 
 

@@ -113,6 +113,8 @@ def _check_cross_fields(config: dict[str, Any]) -> None:
         embedding_datasets(config)
     if "atlas" in config:
         atlases(config)
+    if "integration" in config:
+        integrations(config)
     _check_simulations(config)
     fixed = config.get("qc", {}).get("fixed", {})
     for low, high in (("min_genes", "max_genes"), ("min_counts", "max_counts")):
@@ -227,6 +229,40 @@ def embedding_datasets(config: dict[str, Any]) -> list[str]:
             raise ConfigError(f"config key 'train.embedding.datasets': dataset '{ds}' holds log-normalized values, "
                               "not counts; the VAE's negative-binomial likelihood needs counts")
     return list(chosen)
+
+
+def integrations(config: dict[str, Any]) -> dict[str, list[str]]:
+    """Datasets integrated, each with its methods (``pca`` first; ``vae`` only with counts).
+
+    Raises
+    ------
+    ConfigError
+        An unknown dataset or one without a batch_key, or ``integration.use`` naming a method
+        that is not run.
+    """
+    from cellatlas import keys
+    from cellatlas.integrate import BASELINE, METHODS
+
+    block = config.get("integration", {})
+    datasets = config.get("datasets", {})
+    chosen = block.get("datasets")
+    if chosen is None:
+        chosen = [ds for ds, d in datasets.items() if d.get("batch_key")]
+    for ds in chosen:
+        if ds not in datasets:
+            raise ConfigError(f"config key 'integration.datasets': '{ds}' is not a dataset (datasets: {sorted(datasets)})")
+        if not datasets[ds].get("batch_key"):
+            raise ConfigError(f"config key 'integration.datasets': dataset '{ds}' has no batch_key; integration needs "
+                              "to know each cell's batch")
+    wanted = [m for m in METHODS if m == BASELINE or m in block.get("methods", METHODS)]
+    use = block.get("use", "best")
+    if use != "best" and use not in wanted:
+        raise ConfigError(f"config key 'integration.use': '{use}' is not one of integration.methods {wanted}")
+    out = {}
+    for ds in chosen:
+        counts = datasets[ds].get("values", keys.VALUES_COUNTS) == keys.VALUES_COUNTS
+        out[ds] = [m for m in wanted if m != "vae" or counts]
+    return out
 
 
 #: a results/ folder of its own, so no dataset may take the name

@@ -82,15 +82,16 @@ def umap(adata, *, min_dist: float = 0.5, seed: int = 0) -> None:
     sc.tl.umap(adata, min_dist=min_dist, random_state=seed)
 
 
-def tsne(adata, *, perplexity: float = 30.0, n_pcs: int | None = None, seed: int = 0, n_jobs: int = 1) -> None:
-    """t-SNE with openTSNE on ``X_pca`` (``obsm["X_tsne"]``), FFT-accelerated for large data.
+def tsne(adata, *, perplexity: float = 30.0, n_pcs: int | None = None, seed: int = 0, n_jobs: int = 1,
+         rep: str = "X_pca") -> None:
+    """t-SNE with openTSNE on ``obsm[rep]`` (``obsm["X_tsne"]``), FFT-accelerated for large data.
 
     openTSNE's interpolation scales as O(n), against the O(n log n) Barnes-Hut t-SNE that
     scanpy's default calls through scikit-learn; it is several times faster from ~10^4 cells.
     """
     from openTSNE import TSNE
 
-    X = adata.obsm["X_pca"]
+    X = adata.obsm[rep]
     if n_pcs:
         X = X[:, :n_pcs]
     # perplexity must leave room for 3 * perplexity neighbours

@@ -124,7 +124,8 @@ def headline_metrics(results: str | Path, config_hash: str | None = None) -> tup
 
     Per dataset: cells kept, best ARI (PCA and VAE), batch mixing; per task: the best model's
     cross-validated primary metric, its margin over the next model (tag: which model) and every
-    model's; per atlas, query and method: accuracy and unassigned share.
+    model's; per integrated dataset and method: scIB total, batch mixing, held-out total (tag: the
+    method chosen); per atlas, query and method: accuracy and unassigned share.
     """
     results = Path(results)
     metrics: dict[str, float] = {}
@@ -149,6 +150,12 @@ def headline_metrics(results: str | Path, config_hash: str | None = None) -> tup
             tags[f"cellatlas.best.{dataset}.{task}"] = str(best["model"])
             for row in rows.itertuples():  # every model's score: what moves between invocations
                 put(naming.headline(dataset, task, str(row.model), metric), getattr(row, f"{metric}_mean"))
+    if (integrations := _current(results / "integration.tsv", config_hash)) is not None:
+        for row in integrations.to_dict("records"):
+            for col in ("total", "batch_mixing", "heldout_total"):
+                put(naming.headline(row["dataset"], "integration", row["method"], col), row.get(col))
+            if row.get("chosen") is True or str(row.get("chosen")) == "True":
+                tags[f"cellatlas.integration.{row['dataset']}"] = str(row["method"])
     if (atlases := _current(results / "atlas.tsv", config_hash)) is not None:
         for row in atlases.to_dict("records"):
             for col in ("accuracy", "unassigned_fraction"):
@@ -211,7 +218,7 @@ def _close_parent(run_id: str, status: str, results: Path, records: Iterable[str
             runs = stage_runs(records, run_id)
             client.log_text(run_id, runs.to_csv(sep="\t", index=False), "runs.tsv")
             client.set_tag(run_id, "cellatlas.stage_runs", f"{len(runs)} ({int(runs['reused'].sum())} reused)")
-            for name in ("summary.tsv", "models.tsv", "atlas.tsv"):
+            for name in ("summary.tsv", "models.tsv", "atlas.tsv", "integration.tsv"):
                 if (results / name).exists():
                     client.log_artifact(run_id, str(results / name))
             from cellatlas.views import save_views

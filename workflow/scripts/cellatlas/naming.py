@@ -84,6 +84,23 @@ def registered_model(dataset: str, task: str) -> str:
 BEST_ALIAS = "best"
 
 
+#: an integration method's scores: scIB's metrics grouped as the chart view shows them
+INTEGRATION_GROUPS = {
+    **{m: "batch" for m in ("ilisi", "kbet", "graph_connectivity", "bras", "pcr")},
+    **{m: "bio" for m in ("clisi", "label_asw", "isolated_labels", "nmi", "ari")},
+}
+HELDOUT = "heldout"  # the same method fitted without one donor, which it then places
+
+
+def integration_metric(column: str) -> str:
+    """An integration table column as a stage-run metric: ``batch/ilisi``, ``bio/ari``, ``total``,
+    ``heldout/total`` (the table's ``heldout_total``)."""
+    if column.startswith(HELDOUT + "_"):
+        return f"{HELDOUT}/{column[len(HELDOUT) + 1:]}"
+    group = INTEGRATION_GROUPS.get(column)
+    return f"{group}/{column}" if group else column
+
+
 def headline(*parts: str) -> str:
     """A parent-run metric: ``<dataset>/<what>``, ``<dataset>/<task>/<what>``, ``atlas/<atlas>/<query>/<method>/<what>``."""
     return "/".join(parts)

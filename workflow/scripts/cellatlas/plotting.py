@@ -313,3 +313,30 @@ def across_invocations(table: pd.DataFrame, path: str, *, max_metrics: int = 12)
         ax.set_axis_off()
     fig.suptitle("metrics across invocations")
     _save(fig, path)
+
+
+def integration_scores(table: pd.DataFrame, path: str, *, title: str = "") -> None:
+    """scIB-style table: one row per method, its metrics (batch correction, then biology), the
+    aggregates and the held-out total, values in the cells; the chosen method starred."""
+    from cellatlas.integrate.scores import BATCH_METRICS, BIO_METRICS
+
+    columns = [c for c in (*BATCH_METRICS, *BIO_METRICS, "batch_correction", "bio_conservation", "total",
+                           "total_common", "heldout_total", "batch_mixing") if c in table]
+    values = table[columns].to_numpy(dtype=float)
+    rows = [f"{'* ' if chosen else ''}{m}" + ("" if status == "ok" else f" ({status})")
+            for m, chosen, status in zip(table["method"], table.get("chosen", False), table["status"])]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.78 * len(columns), 1.4 + 0.45 * len(rows)))
+    ax.imshow(np.nan_to_num(np.clip(values, 0, 1), nan=0.0), cmap="YlGnBu", vmin=0, vmax=1, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if np.nan_to_num(v) > 0.6 else "black")
+    ax.set_xticks(range(len(columns)), [c.replace("_", " ") for c in columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    n_batch = sum(c in BATCH_METRICS for c in columns)
+    n_bio = sum(c in BIO_METRICS for c in columns)
+    for x in (n_batch - 0.5, n_batch + n_bio - 0.5):
+        ax.axvline(x, color="white", lw=3)
+    ax.set_title(title + "\n(batch correction | biological conservation | aggregates; * chosen)", fontsize=10)
+    _save(fig, path)

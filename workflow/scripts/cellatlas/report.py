@@ -45,6 +45,8 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
             for m, v in metrics.items():
                 if m.startswith(("n_clusters_r", "ari_r", "nmi_r")):
                     row[prefix + m] = v
+        if stage == "integrate":
+            row["integration"] = rec.get("params", {}).get("integration", "")
         suffix = {"vae": "_vae", "cluster": "_vae_cluster"}.get(rec.get("step", ""), "") if stage == "train" else ""
         row[f"run_{stage}{suffix}"] = rec["run_id"]
     table = pd.DataFrame(list(rows.values()))
@@ -77,26 +79,34 @@ def summarize_atlases(tables: Iterable[str | Path]) -> pd.DataFrame:
     return _stack(tables, first=["atlas", "reference", "query", "method"], by=["atlas", "query", "method"])
 
 
+def summarize_integrations(tables: Iterable[str | Path]) -> pd.DataFrame:
+    """Every integrated dataset's methods in one table (scIB metrics, aggregates, held-out, the choice)."""
+    return _stack(tables, first=["dataset", "method", "status", "chosen"], by=["dataset", "method"])
+
+
 def rounded(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     """Floats rounded for reading (the run records and MLflow keep every digit)."""
     return table.round({c: digits for c in table.columns if table[c].dtype.kind == "f"})
 
 
 def summary_stage(*, records: Iterable[str | Path], comparisons: Iterable[str | Path],
-                  atlases: Iterable[str | Path], config_hash: str) -> Result:
+                  atlases: Iterable[str | Path], integrations: Iterable[str | Path] = (), config_hash: str) -> Result:
     """The summary rule: one table across datasets, one across every task's models, one across atlases,
     each naming its run ids and the config hash."""
-    tables = {"table": summarize(records), "models": summarize_models(comparisons), "atlases": summarize_atlases(atlases)}
+    tables = {"table": summarize(records), "models": summarize_models(comparisons), "atlases": summarize_atlases(atlases),
+              "integrations": summarize_integrations(integrations)}
     tables = {k: rounded(t.assign(config_hash=config_hash)) for k, t in tables.items()}
     texts = {f"{k}_html": html_page(t, title=TITLES[k]) for k, t in tables.items()}
     texts["versions"] = html_page(versions(), title="Software versions")
     return Result(tables=tables, texts=texts)
 
 
-TITLES = {"table": "Datasets", "models": "Models of every task", "atlases": "Atlas mappings"}
+TITLES = {"table": "Datasets", "models": "Models of every task", "atlases": "Atlas mappings",
+          "integrations": "Integration methods (scIB metrics)"}
 #: the packages whose versions the report lists (pyproject.toml pins them)
 PACKAGES = ("anndata", "scanpy", "scikit-learn", "numpy", "scipy", "pandas", "torch", "lightning", "mlflow",
-            "snakemake", "leidenalg", "igraph", "umap-learn", "openTSNE", "pynndescent", "matplotlib")
+            "snakemake", "leidenalg", "igraph", "umap-learn", "openTSNE", "pynndescent", "matplotlib",
+            "scib-metrics", "harmonypy", "bbknn", "jax")
 
 
 def versions() -> pd.DataFrame:
