@@ -180,6 +180,20 @@ def test_method_stage_records_one_batch_and_a_failing_method(embedded, tmp_path,
     r = stages.method_stage(h5ad=str(tmp_path / "one.h5ad"), dataset="s", method="harmony", params={},
                             settings=settings, embed=EMBED)
     assert r.tables["scores"]["status"].iloc[0] == "one batch" and "nothing to integrate" in r.notes[0]
+    # the PCA stands in, unscored (no batch metric has a meaning), and the choice says why
+    pca = stages.method_stage(h5ad=str(tmp_path / "one.h5ad"), dataset="s", method="pca", params={},
+                              settings=settings, embed=EMBED)
+    row = pca.tables["scores"].iloc[0]
+    assert row["status"] == "one batch" and "total" not in row and pca.data["embedding"].obsm["X_integrated"].shape[0] == one.n_obs
+    for name, res in (("pca", pca), ("harmony", r)):
+        res.tables["scores"].to_csv(tmp_path / f"{name}.tsv", sep="\t", index=False)
+        res.data["embedding"].write_h5ad(tmp_path / f"{name}.h5ad")
+    cmp = stages.compare_stage(h5ad=str(tmp_path / "one.h5ad"), dataset="s",
+                               embeddings={m: str(tmp_path / f"{m}.h5ad") for m in ("pca", "harmony")},
+                               scores=[str(tmp_path / f"{m}.tsv") for m in ("pca", "harmony")], use="best",
+                               max_bio_loss=0.05, embed={"n_neighbors": 10, "umap_min_dist": 0.5, "tsne_perplexity": 30})
+    assert cmp.records["choice"]["method"] == "pca" and cmp.records["choice"]["reason"] == "one batch: nothing to integrate"
+    assert cmp.data["h5ad"].obsm["X_tsne"].shape == (one.n_obs, 2)
 
     def singular(*a, **k):
         raise np.linalg.LinAlgError("Singular matrix")

@@ -230,9 +230,17 @@ def test_models_are_grouped_by_task_and_ranked(page, two_invocations):
     assert "cellatlas.invocation" in text and "knn7" in text  # which invocation made each model's run
 
 
+def test_integration_methods_grouped_by_dataset(page, two_invocations):
+    text = _open(page, _view(two_invocations[1], "cellatlas-integration"), wait_for="cellatlas.dataset: sim5k",
+                 shot="integration")
+    for method in ("pca", "harmony", "bbknn", "vae"):
+        assert f"integrate:sim5k/{method}" in text, method
+    assert "bio_conservation" in text and "heldout/total" in text
+
+
 def test_runs_grouped_by_stage(page, two_invocations):
     text = _open(page, _view(two_invocations[1], "cellatlas-stages"), wait_for="Group by: cellatlas.stage", shot="stages")
-    for stage in ("ingest", "classify", "regress", "train", "atlas", "summary"):
+    for stage in ("ingest", "integrate", "classify", "regress", "train", "atlas", "summary"):
         assert f"Group: {stage}" in text, stage
 
 

@@ -36,9 +36,11 @@ rule integrate_vae:
         h5ad="results/{dataset}/embed.h5ad",
         latent="results/{dataset}/train/vae/latent.h5ad",
     output:
-        embedding="results/{dataset}/integrate/vae/embedding.h5ad",
-        scores="results/{dataset}/integrate/vae/scores.tsv",
-        run="results/{dataset}/integrate/vae/run.json",
+        embedding="results/{dataset}/integrate/{method}/embedding.h5ad",
+        scores="results/{dataset}/integrate/{method}/scores.tsv",
+        run="results/{dataset}/integrate/{method}/run.json",
+    wildcard_constraints:
+        method="vae",
     params:
         settings=get_integration_settings(),
         embed={k: config["embed"][k] for k in ("n_pcs", "scale", "n_neighbors")},
@@ -48,9 +50,9 @@ rule integrate_vae:
     resources:
         gpu=get_train_gpus,
     log:
-        "results/{dataset}/logs/integrate/vae.log",
+        "results/{dataset}/logs/integrate/{method}.log",
     benchmark:
-        "results/{dataset}/benchmarks/integrate/vae.tsv"
+        "results/{dataset}/benchmarks/integrate/{method}.tsv"
     conda:
         LEARN_ENV
     script:

@@ -16,4 +16,4 @@ def compute(smk, live):
 
 
 if __name__ == "__main__":
-    run_stage(snakemake, "integrate", compute, step="method", part="vae")  # noqa: F821
+    run_stage(snakemake, "integrate", compute, step="method")  # noqa: F821

@@ -211,6 +211,9 @@ def run_stage(smk, stage: str, compute: Callable[[Any, Live], Any], *, step: str
     from cellatlas._numba import enable_cache
 
     enable_cache(os.path.join(os.getcwd(), ".snakemake", "numba-cache"))
+    # scib-metrics' jax functions: compiled once per machine, not in every integrate job (~5 s each)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.getcwd(), ".snakemake", "jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     from cellatlas import naming
     from cellatlas.stage import check_outputs
     from cellatlas.tracking import stage_run

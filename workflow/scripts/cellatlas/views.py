@@ -23,6 +23,7 @@ VIEWS = {
     "cellatlas-models": ("Models by task", "which model is best for each task, and by how much"),
     "cellatlas-scores": ("Model scores", "every model's cross-validated scores as charts (open with compareRunsMode=CHART)"),
     "cellatlas-atlas": ("Atlas methods", "how the atlas mapping methods compare"),
+    "cellatlas-integration": ("Integration methods", "which integration keeps biology and removes batches"),
     "cellatlas-stages": ("Runs by stage", "every stage run, grouped by stage"),
 }
 
@@ -74,6 +75,16 @@ def view_states(headline: Iterable[str]) -> dict[str, dict]:
                         "groupByKeys": [{"mode": "tag", "groupByData": "cellatlas.atlas"},
                                         {"mode": "tag", "groupByData": naming.TAG_DATASET}]},
             "selectedColumns": [_column("tags", "cellatlas.method"), *[_column("metrics", m) for m in atlas],
+                                _column("tags", "cellatlas.invocation")],
+        },
+        "cellatlas-integration": {
+            "searchFilter": f"tags.`{naming.TAG_STAGE}` = 'integrate' and {step} = 'method'",
+            "orderByKey": _column("metrics", "total"), "orderByAsc": False,
+            "groupBy": {"aggregateFunction": "max", "groupByKeys": [{"mode": "tag", "groupByData": naming.TAG_DATASET}]},
+            "groupsExpanded": {},
+            "selectedColumns": [_column("tags", "cellatlas.method"),
+                                *[_column("metrics", m) for m in ("total", "batch_correction", "bio_conservation",
+                                                                  "batch_mixing", "heldout/total", "bio/ari", "batch/ilisi")],
                                 _column("tags", "cellatlas.invocation")],
         },
         "cellatlas-stages": {

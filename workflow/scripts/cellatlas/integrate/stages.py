@@ -78,9 +78,13 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
     notes: list[str] = []
     status = "ok"
     it = None
-    if n_batches < 2 and method != BASELINE:
+    if n_batches < 2:
+        # nothing to integrate or to score: the PCA stands in, the table says why
         status = "one batch"
-        notes.append(f"one batch ('{batch_sizes(adata).index[0]}'): nothing to integrate, {method} not run")
+        if method == BASELINE:
+            out_pca = integrate(adata, BASELINE, {}, embed=embed, seed=seed)
+        else:
+            notes.append(f"one batch ('{batch_sizes(adata).index[0]}'): nothing to integrate, {method} not run")
     else:
         try:
             it = integrate(adata, method, params, embed=embed, seed=seed, latent=codes)
@@ -91,6 +95,8 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
     row: dict[str, Any] = {"dataset": dataset, "method": method, "status": status, "n_batches": n_batches,
                            "n_cells": adata.n_obs, "output": "graph" if it is not None and it.graph is not None else "embedding"}
     out = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names))
+    if n_batches < 2 and method == BASELINE:
+        out.obsm[REP] = out_pca.embedding
     metrics: dict[str, Any] = {}
     if it is not None:
         row.update(_scores(it, adata, seed=seed, n_neighbors=embed["n_neighbors"]))
