@@ -241,8 +241,8 @@ def integrations(config: dict[str, Any]) -> dict[str, list[str]]:
         that is not run.
     """
     from cellatlas import keys
-    from cellatlas.integrate import BASELINE, METHODS
 
+    METHODS, BASELINE = keys.INTEGRATION_METHODS, keys.INTEGRATION_BASELINE
     block = config.get("integration", {})
     datasets = config.get("datasets", {})
     chosen = block.get("datasets")

@@ -31,3 +31,7 @@ SPLIT_SCHEMES = ("auto", "stratified", "grouped", "leave_one_batch_out", "batche
 #: test_fold of cells used only for training (batches scheme) and of cells left out of the task
 TRAIN_ONLY = -1
 EXCLUDED = -2
+
+# integration methods, simplest first (ties go to the earlier); pca is the unintegrated baseline
+INTEGRATION_METHODS = ("pca", "combat", "harmony", "bbknn", "vae")
+INTEGRATION_BASELINE = "pca"

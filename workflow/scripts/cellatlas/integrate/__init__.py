@@ -17,8 +17,9 @@ batch + 0.6 x biology). Methods that can place cells they were not fitted on (``
 loadings; ``vae``: the encoder) are also scored with one donor held out of the fit.
 """
 
-#: every method, simplest first: the order ties are broken in
-METHODS = ("pca", "combat", "harmony", "bbknn", "vae")
+from cellatlas.keys import INTEGRATION_BASELINE as BASELINE  # noqa: E402  the method that never corrects anything
+from cellatlas.keys import INTEGRATION_METHODS as METHODS  # noqa: E402  simplest first: the order ties are broken in
+
 #: methods that place new cells, and how; the others get no held-out scores
 MAPS_NEW_CELLS = {"pca": "projected onto the loadings fitted without them", "vae": "encoded by a VAE trained without them"}
 CANNOT_MAP = {
@@ -28,8 +29,6 @@ CANNOT_MAP = {
 }
 #: obsm key of an integrated embedding (graph methods have none)
 REP = "X_integrated"
-#: the method that never corrects anything
-BASELINE = "pca"
 
 from cellatlas.integrate.methods import Integrated, heldout_donor, integrate, integrate_heldout  # noqa: E402
 from cellatlas.integrate.scores import choose, score, shortest_path_neighbors  # noqa: E402

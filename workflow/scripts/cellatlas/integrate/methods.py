@@ -150,38 +150,13 @@ def _pca_heldout(adata, held: np.ndarray, embed: Mapping[str, Any], seed: int) -
     return Integrated("pca", embedding=emb.astype(np.float32))
 
 
-def _vae_heldout(adata, held: np.ndarray, vae: Mapping[str, Any], seed: int) -> Integrated:
-    from cellatlas.deep.data import CSRTensors, SparseBatches
-    from cellatlas.deep.embedding import LATENT, train_vae
-
-    fit = adata[~held].copy()
-    result = train_vae(fit, dataset="held-out fit", model=vae["model"], trainer=vae["trainer"], seed=seed)
-    plan = result.plan.cpu()
-    genes = adata.var_names.get_indexer(pd.Index(plan.hparams.genes))
-    counts = sp.csr_matrix(adata.layers[keys.COUNTS_LAYER][:, genes], dtype=np.float32)
-    codes = None
-    if plan.hparams.n_batches:
-        known = {b: i for i, b in enumerate(plan.hparams.batches)}
-        codes = adata.obs[keys.BATCH].astype(str).map(known).fillna(plan.hparams.n_batches).to_numpy(np.int64)
-    emb = np.empty((adata.n_obs, fit.obsm[LATENT].shape[1]), dtype=np.float32)
-    emb[~held] = fit.obsm[LATENT]
-    rows = np.flatnonzero(held)
-    every = SparseBatches(CSRTensors.from_scipy(counts[rows]), np.arange(len(rows)),
-                          covariate=None if codes is None else codes[rows], batch_size=4096)
-    emb[rows] = plan.embed(every)
-    return Integrated("vae", embedding=emb, info={"epochs": float(result.summary().get("epochs", np.nan))})
-
-
-def integrate_heldout(adata, method: str, donor: str, *, embed: Mapping[str, Any], seed: int = 0,
-                      vae: Mapping[str, Any] | None = None) -> Integrated:
+def integrate_heldout(adata, method: str, donor: str, *, embed: Mapping[str, Any], seed: int = 0) -> Integrated:
     """``method`` fitted on every cell but ``donor``'s, which it then places: the embedding of all cells.
 
-    Only the methods of :data:`~cellatlas.integrate.MAPS_NEW_CELLS` can; ``vae`` is
-    ``{"model": train.embedding, "trainer": train.trainer}``.
+    Only the PCA here; the VAE's is :func:`cellatlas.integrate.vae.vae_heldout` (it trains, in
+    the training environment), and the other methods cannot place new cells.
     """
     held = adata.obs[keys.DONOR].astype(str).to_numpy() == donor
     if method == "pca":
         return _pca_heldout(adata, held, embed, seed)
-    if method == "vae":
-        return _vae_heldout(adata, held, vae or {"model": {}, "trainer": {}}, seed)
     raise ValueError(f"the {method} method cannot place cells it was not fitted on")

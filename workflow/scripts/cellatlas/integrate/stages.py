@@ -4,7 +4,7 @@ compares them, chooses, and remakes the graph and maps on the chosen one."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,11 +53,13 @@ def _scores(it, adata, *, seed: int, n_neighbors: int) -> dict:
 
 def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, Any], settings: Mapping[str, Any],
                  embed: Mapping[str, Any], seed: int = 0, latent: str | None = None,
-                 vae: Mapping[str, Any] | None = None) -> Result:
+                 place_heldout: Callable[..., Any] | None = None) -> Result:
     """Rules integrate / integrate_vae: run one method on the embed stage's output and score it,
     with one donor held out of the fit where the method can place new cells.
 
-    ``settings`` is the ``integration`` block (``min_batch_cells``, ``holdout``, ``holdout_donor``).
+    ``settings`` is the ``integration`` block (``min_batch_cells``, ``holdout``, ``holdout_donor``);
+    ``place_heldout(adata, donor)`` fits the method without the donor and places it (the VAE's,
+    from the integrate_vae job; the PCA's is :func:`~cellatlas.integrate.methods.integrate_heldout`).
     """
     import anndata as ad
 
@@ -112,7 +114,8 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
         if donor is None:
             row["heldout"] = "no donor to hold out (a donor column, and a batch with two donors, are needed)"
         else:
-            held: Integrated = integrate_heldout(adata, method, donor, embed=embed, seed=seed, vae=vae)
+            held: Integrated = (place_heldout(adata, donor) if place_heldout is not None
+                                else integrate_heldout(adata, method, donor, embed=embed, seed=seed))
             scores = _scores(held, adata, seed=seed, n_neighbors=embed["n_neighbors"])
             row["heldout_donor"], row["heldout"] = donor, MAPS_NEW_CELLS[method]
             for k in ("batch_correction", "bio_conservation", "total", "batch_mixing"):
