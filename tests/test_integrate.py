@@ -203,6 +203,9 @@ def test_method_stage_records_one_batch_and_a_failing_method(embedded, tmp_path,
     r = stages.method_stage(h5ad=str(tmp_path / "two.h5ad"), dataset="s", method="combat", params={},
                             settings=settings, embed=EMBED)
     assert r.tables["scores"]["status"].iloc[0] == "failed: Singular matrix" and "leaves it out" in r.notes[0]
+    with pytest.raises(InputDataError, match=r"^dataset 's': integration.holdout_donor 'nobody' is not one of its donors \(donor_0"):
+        stages.method_stage(h5ad=str(tmp_path / "two.h5ad"), dataset="s", method="pca", params={},
+                            settings={**settings, "holdout_donor": "nobody"}, embed=EMBED)
 
 
 def test_config_resolves_the_integrated_datasets():

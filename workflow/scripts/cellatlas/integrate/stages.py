@@ -69,6 +69,13 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
 
     adata = ad.read_h5ad(h5ad)
     n_batches = check_batches(adata, dataset, min_batch_cells=settings["min_batch_cells"])
+    wanted = settings.get("holdout_donor")
+    if settings["holdout"] and wanted is not None and heldout_donor(adata, wanted) is None:
+        from cellatlas.errors import InputDataError
+
+        donors = sorted(adata.obs[keys.DONOR].astype(str).unique()) if keys.DONOR in adata.obs else []
+        raise InputDataError(dataset, f"integration.holdout_donor '{wanted}' is not one of its donors "
+                                      f"({', '.join(donors[:10]) or 'it has no donor column'})")
     codes = None
     if latent is not None:
         codes = ad.read_h5ad(latent)
