@@ -212,9 +212,32 @@ def test_config_resolves_the_integrated_datasets():
     from cellatlas.config import integrations
 
     ds = {"a": {"batch_key": "b"}, "b": {}, "c": {"batch_key": "b", "values": "lognorm"}}
-    assert integrations({"datasets": ds, "integration": {}}) == {"a": list(METHODS), "c": [m for m in METHODS if m != "vae"]}
+    default = [m for m in METHODS if m != "vae_labels"]
+    assert integrations({"datasets": ds, "integration": {}}) == {"a": default, "c": [m for m in default if m != "vae"]}
     assert integrations({"datasets": ds, "integration": {"methods": ["harmony"]}}) == {"a": ["pca", "harmony"], "c": ["pca", "harmony"]}
     with pytest.raises(ConfigError, match="'integration.datasets': dataset 'b' has no batch_key"):
         integrations({"datasets": ds, "integration": {"datasets": ["b"]}})
     with pytest.raises(ConfigError, match="'integration.use': 'bbknn' is not one of"):
         integrations({"datasets": ds, "integration": {"methods": ["harmony"], "use": "bbknn"}})
+    with pytest.raises(ConfigError, match="vae_labels learns labels, and dataset 'a' has no label_key"):
+        integrations({"datasets": ds, "integration": {"datasets": ["a"], "methods": ["vae_labels"]}})
+
+
+def test_the_vae_that_learns_labels_draws_types_together_and_places_a_held_out_donor(embedded):
+    from cellatlas.integrate.vae import vae_heldout, vae_labels
+
+    vae = {"model": {"max_epochs": 15, "n_latent": 6, "patience": 15}, "trainer": {"accelerator": "cpu"}}
+    labelled = vae_labels(embedded, vae=vae, params={"classification_weight": 5.0})
+    plain = vae_heldout(embedded, "nobody", method="vae", vae=vae)  # no such donor: every cell in the fit
+    from sklearn.metrics import silhouette_score
+
+    labels = embedded.obs["label"].astype(str)
+    assert labelled.embedding.shape == (embedded.n_obs, 6) and labelled.info["epochs"] >= 1
+    assert silhouette_score(labelled.embedding, labels) > silhouette_score(plain.embedding, labels)
+    donor = "donor_3"
+    held = vae_heldout(embedded, donor, method="vae_labels", vae=vae, params={"classification_weight": 5.0})
+    mask = (embedded.obs["donor"] == donor).to_numpy()
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(10).fit(held.embedding[~mask], labels[~mask])
+    assert (knn.predict(held.embedding[mask]) == labels[mask]).mean() > 0.8

@@ -22,7 +22,7 @@ CLASSIFY_RUNS = [
     "classify:sim5k/cell_type/comparison", "regress:sim5k/program/comparison",
     "classify:sim5k/cell_type/mlp", "train:sim5k/vae", "train:sim5k/vae/cluster",
     "atlas:a/reference", "atlas:a/reference/vae", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas:a/sim5k_q/comparison",
-    *[f"integrate:sim5k/{m}" for m in ("pca", "harmony", "bbknn", "vae")], "integrate:sim5k",
+    *[f"integrate:sim5k/{m}" for m in ("pca", "harmony", "bbknn", "vae", "vae_labels")], "integrate:sim5k",
 ]
 
 
@@ -232,13 +232,14 @@ def test_integration_methods_are_scored_and_the_best_feeds_the_clusters(workdir)
 
     base = workdir / "results" / "sim5k" / "integrate"
     table = pd.read_csv(base / "scores.tsv", sep="\t")
-    assert list(table["method"]) == ["pca", "harmony", "bbknn", "vae"] and (table["status"] == "ok").all()
+    assert list(table["method"]) == ["pca", "harmony", "bbknn", "vae", "vae_labels"] and (table["status"] == "ok").all()
     assert table[["ilisi", "kbet", "graph_connectivity", "clisi", "nmi", "ari", "total", "batch_mixing"]].notna().all().all()
     # a graph has no embedding metrics; only the methods that place new cells have held-out scores
     t = table.set_index("method")
     assert t[["bras", "label_asw"]].isna().loc["bbknn"].all() and t[["bras", "label_asw"]].notna().drop("bbknn").all().all()
-    assert t.loc[["pca", "vae"], "heldout_total"].notna().all() and t.loc[["harmony", "bbknn"], "heldout_total"].isna().all()
-    assert t.loc["vae", "heldout_donor"] == "donor_3"
+    placed = ["pca", "vae", "vae_labels"]
+    assert t.loc[placed, "heldout_total"].notna().all() and t.loc[["harmony", "bbknn"], "heldout_total"].isna().all()
+    assert (t.loc[placed, "heldout_donor"] == "donor_3").all()
     choice = json.loads((base / "choice.json").read_text())
     assert table["chosen"].sum() == 1 and t.index[t["chosen"]][0] == choice["method"]
     assert choose(table, use="best", max_bio_loss=0.05, order=INTEGRATION) == (choice["method"], choice["reason"])
@@ -261,7 +262,7 @@ def test_integration_methods_are_scored_and_the_best_feeds_the_clusters(workdir)
     (parent,) = [r for r in _runs(workdir) if r.data.tags.get("cellatlas.kind") == "pipeline"]
     assert "integration.tsv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.data.tags["cellatlas.integration.sim5k"] == choice["method"]
-    for m in ("pca", "harmony", "bbknn", "vae"):
+    for m in ("pca", "harmony", "bbknn", "vae", "vae_labels"):
         assert parent.data.metrics[f"sim5k/integration/{m}/total"] == pytest.approx(t.loc[m, "total"], abs=1e-4)
 
 

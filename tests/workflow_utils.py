@@ -76,7 +76,7 @@ CONFIG = {
     },
     "train": {"embedding": {"datasets": ["sim5k"], "n_latent": 8, "max_epochs": 8}},
     # sim5k's two batches integrated (its one-donor query has one batch); the cluster stage uses the best
-    "integration": {"datasets": ["sim5k"], "methods": ["harmony", "bbknn", "vae"]},
+    "integration": {"datasets": ["sim5k"], "methods": ["harmony", "bbknn", "vae", "vae_labels"]},
     # sim5k is the reference; the query is one of its donors again, read as a dataset of its own
     # (cells the reference holds: every method must label them as the reference does)
     "atlas": {"atlases": {"a": {"reference": "sim5k", "queries": ["sim5k_q"]}}},

@@ -131,6 +131,13 @@ def get_integration_params(wildcards):
     return config["integration"]["params"].get(wildcards.method, {})
 
 
+def get_integrate_vae_input(wildcards):
+    inputs = {"h5ad": f"results/{wildcards.dataset}/embed.h5ad"}
+    if wildcards.method == "vae":
+        inputs["latent"] = f"results/{wildcards.dataset}/train/vae/latent.h5ad"
+    return inputs
+
+
 def get_integration_settings():
     return {k: config["integration"][k] for k in ("min_batch_cells", "holdout", "holdout_donor")}
 

@@ -29,19 +29,20 @@ rule integrate:
         "../scripts/integrate.py"
 
 
-# The VAE's codes come from train_vae; this job scores them and trains a second VAE without
-# the held-out donor, so it asks for a GPU like the other training jobs.
+# vae: the codes come from train_vae; vae_labels (the VAE that also learns the labels) trains
+# here. Both train a second VAE without the held-out donor, so the job asks for a GPU like the
+# other training jobs.
 rule integrate_vae:
     input:
-        h5ad="results/{dataset}/embed.h5ad",
-        latent="results/{dataset}/train/vae/latent.h5ad",
+        unpack(get_integrate_vae_input),
     output:
         embedding="results/{dataset}/integrate/{method}/embedding.h5ad",
         scores="results/{dataset}/integrate/{method}/scores.tsv",
         run="results/{dataset}/integrate/{method}/run.json",
     wildcard_constraints:
-        method="vae",
+        method="vae|vae_labels",
     params:
+        method=get_integration_params,
         settings=get_integration_settings(),
         embed={k: config["embed"][k] for k in ("n_pcs", "scale", "n_neighbors")},
         vae={"model": config["train"]["embedding"], "trainer": config["train"]["trainer"]},

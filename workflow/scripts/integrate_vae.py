@@ -1,5 +1,6 @@
-"""Rule integrate_vae: the VAE's latent space scored as an integration, and a VAE trained
-without one donor scored on placing it."""
+"""Rule integrate_vae: a VAE method scored as an integration (vae: the train_vae latent space;
+vae_labels: a semi-supervised VAE trained here), and the same VAE trained without one donor
+scored on placing it."""
 
 from cellatlas.runner import run_stage
 
@@ -8,14 +9,16 @@ def compute(smk, live):
     import torch
 
     from cellatlas.integrate.stages import method_stage
-    from cellatlas.integrate.vae import vae_heldout
+    from cellatlas.integrate.vae import vae_heldout, vae_labels
 
     torch.set_num_threads(smk.threads)
-    return method_stage(h5ad=smk.input.h5ad, dataset=smk.wildcards.dataset, method="vae", params={},
-                        settings=smk.params.settings, embed=smk.params.embed, seed=smk.params.seed,
-                        latent=smk.input.latent,
-                        place_heldout=lambda adata, donor: vae_heldout(adata, donor, vae=smk.params.vae,
-                                                                       seed=smk.params.seed))
+    method, vae, params, seed = smk.wildcards.method, smk.params.vae, smk.params.method, smk.params.seed
+    return method_stage(
+        h5ad=smk.input.h5ad, dataset=smk.wildcards.dataset, method=method, params=params,
+        settings=smk.params.settings, embed=smk.params.embed, seed=seed, latent=smk.input.get("latent"),
+        run_method=(lambda adata: vae_labels(adata, vae=vae, params=params, seed=seed)) if method == "vae_labels" else None,
+        place_heldout=lambda adata, donor: vae_heldout(adata, donor, method=method, vae=vae, params=params, seed=seed),
+    )
 
 
 if __name__ == "__main__":

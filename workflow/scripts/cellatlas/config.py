@@ -254,14 +254,17 @@ def integrations(config: dict[str, Any]) -> dict[str, list[str]]:
         if not datasets[ds].get("batch_key"):
             raise ConfigError(f"config key 'integration.datasets': dataset '{ds}' has no batch_key; integration needs "
                               "to know each cell's batch")
-    wanted = [m for m in METHODS if m == BASELINE or m in block.get("methods", METHODS)]
+    wanted = [m for m in METHODS if m == BASELINE or m in block.get("methods", keys.INTEGRATION_DEFAULT)]
     use = block.get("use", "best")
     if use != "best" and use not in wanted:
         raise ConfigError(f"config key 'integration.use': '{use}' is not one of integration.methods {wanted}")
     out = {}
     for ds in chosen:
         counts = datasets[ds].get("values", keys.VALUES_COUNTS) == keys.VALUES_COUNTS
-        out[ds] = [m for m in wanted if m != "vae" or counts]
+        out[ds] = [m for m in wanted if not m.startswith("vae") or counts]
+        if "vae_labels" in out[ds] and not datasets[ds].get("label_key"):
+            raise ConfigError(f"config key 'integration.methods': vae_labels learns labels, and dataset '{ds}' has "
+                              "no label_key")
     return out
 
 

@@ -33,5 +33,6 @@ TRAIN_ONLY = -1
 EXCLUDED = -2
 
 # integration methods, simplest first (ties go to the earlier); pca is the unintegrated baseline
-INTEGRATION_METHODS = ("pca", "combat", "harmony", "bbknn", "vae")
+INTEGRATION_METHODS = ("pca", "combat", "harmony", "bbknn", "vae", "vae_labels")
 INTEGRATION_BASELINE = "pca"
+INTEGRATION_DEFAULT = INTEGRATION_METHODS[:-1]  # vae_labels is opt-in

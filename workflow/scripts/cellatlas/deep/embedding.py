@@ -70,13 +70,15 @@ def training_matrix(adata, *, dataset: str, genes: str = "hvg"):
 
 
 def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping[str, Any], seed: int = 0,
-              tracking: Mapping[str, str] | None = None, checkpoint: str | None = None):
+              tracking: Mapping[str, str] | None = None, checkpoint: str | None = None,
+              classification_weight: float | None = None):
     """Train the VAE on ``adata``'s counts; ``obsm[LATENT]`` gets the posterior means.
 
     ``model`` is the config's ``train.embedding`` block (architecture, optimizer, epochs,
     ``batch_size``, ``val_fraction``, ``batch_correct``); keys it lacks take the schema's defaults.
-    Validation cells are whole donors when the dataset has enough of them. Returns the
-    :class:`~cellatlas.deep.training.FitResult`.
+    Validation cells are whole donors when the dataset has enough of them. With a
+    ``classification_weight`` the VAE also learns the labels (``obs["label"]``; unlabelled cells
+    only reconstruct), as scANVI does. Returns the :class:`~cellatlas.deep.training.FitResult`.
     """
     from cellatlas.config import schema_defaults
     from cellatlas.deep.data import CellDataModule, CSRTensors, SparseBatches
@@ -91,6 +93,12 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
         cat = pd.Categorical(adata.obs[keys.BATCH].astype(str))
         batches, codes = list(map(str, cat.categories)), cat.codes.astype(np.int64)
     groups = adata.obs[keys.DONOR].astype(str).to_numpy() if keys.DONOR in adata.obs else None
+    y, classes = None, []
+    if classification_weight is not None:
+        if keys.LABEL not in adata.obs:
+            raise InputDataError(dataset, "has no labels for the semi-supervised VAE (vae_labels): give it a label_key")
+        cat = pd.Categorical(adata.obs[keys.LABEL])
+        y, classes = cat.codes.astype(np.int64), list(map(str, cat.categories))
     settings = TrainerSettings.from_mapping(trainer)
     settings.max_epochs, settings.patience = model["max_epochs"], model["patience"]
     seed_all(seed)
@@ -98,9 +106,9 @@ def train_vae(adata, *, dataset: str, model: Mapping[str, Any], trainer: Mapping
         n_genes=X.shape[1], n_latent=model["n_latent"], hidden=model["hidden"], n_layers=model["n_layers"],
         n_batches=len(batches or []), dropout=model["dropout"], lr=model["lr"], weight_decay=model["weight_decay"],
         kl_warmup_epochs=model["kl_warmup_epochs"], encoder_input=model["encoder_input"], kl_weight=model["kl_weight"],
-        genes=genes, batches=batches,
+        genes=genes, batches=batches, n_classes=len(classes), classification_weight=classification_weight or 0.0,
     )
-    data = CellDataModule(X, covariate=codes, groups=groups, val_fraction=model["val_fraction"],
+    data = CellDataModule(X, y=y, covariate=codes, groups=groups, val_fraction=model["val_fraction"],
                           batch_size=model["batch_size"], seed=seed, on_device=settings.data_on_device)
     try:
         result = fit(plan, data, settings, tracking=tracking, prefix=naming.CURVE, checkpoint=checkpoint)

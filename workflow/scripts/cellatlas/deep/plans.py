@@ -99,13 +99,20 @@ class VAEPlan(_Plan):
 
     def __init__(self, n_genes: int, n_latent: int = 10, hidden: int = 128, n_layers: int = 1, n_batches: int = 0,
                  dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 1e-6, kl_warmup_epochs: int = 10,
-                 encoder_input: str = "log1p", kl_weight: float = 1.0, genes: Sequence[str] | None = None, batches: Sequence[str] | None = None):
+                 encoder_input: str = "log1p", kl_weight: float = 1.0, genes: Sequence[str] | None = None, batches: Sequence[str] | None = None,
+                 n_classes: int = 0, classification_weight: float = 1.0):
         """``genes`` and ``batches`` (input gene names, batch categories in code order) travel
-        in the checkpoint so a new dataset can be aligned to the model and encoded."""
+        in the checkpoint so a new dataset can be aligned to the model and encoded.
+
+        ``n_classes`` > 0 makes it semi-supervised as scANVI is: a linear classifier reads the
+        latent means, and its cross-entropy on the labelled cells (class code >= 0; -1 is
+        unlabelled), times ``classification_weight``, joins the loss, so cells of one label are
+        drawn together across batches."""
         super().__init__()
         self.save_hyperparameters()
         self.net = NBVAE(n_genes, n_latent=n_latent, hidden=hidden, n_layers=n_layers, n_batches=n_batches,
                          dropout=dropout, encoder_input=encoder_input)
+        self.classifier = torch.nn.Linear(n_latent, n_classes) if n_classes else None
 
     @property
     def kl_weight(self) -> float:
@@ -113,11 +120,17 @@ class VAEPlan(_Plan):
         return top if w <= 0 else top * min(1.0, (self.current_epoch + 1) / w)
 
     def _step(self, batch, prefix: str, batch_idx: int):
-        x, _, c = batch
+        x, y, c = batch
         out = self.net(x, _covariate(c))
         rec, kl = out["reconstruction"].mean(), out["kl"].mean()
         # validation is scored at the final KL weight so that epochs compare (the warm-up only shapes training)
         loss = rec + (self.kl_weight if prefix == "train" else self.hparams.kl_weight) * kl
+        if self.classifier is not None and y.numel():
+            labelled = y >= 0
+            if labelled.any():
+                ce = F.cross_entropy(self.classifier(out["z"][labelled]).float(), y[labelled])
+                loss = loss + self.hparams.classification_weight * ce
+                self.log(f"{prefix}_classification", ce, on_step=False, on_epoch=True, batch_size=int(labelled.sum()))
         _check_finite(loss, self, batch_idx, "training" if prefix == "train" else "validation")
         n = x.shape[0]
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n)

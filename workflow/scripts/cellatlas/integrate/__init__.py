@@ -8,20 +8,23 @@ types stay apart:
 * ``harmony``: Harmony's corrected PCs (harmonypy);
 * ``bbknn``: batch-balanced kNN graph on the PCA (BBKNN); a graph, no embedding;
 * ``combat``: ComBat-corrected log-expression of the HVGs (scanpy), then the embed stage's PCA;
-* ``vae``: the pipeline's batch-conditioned negative-binomial VAE (the train_vae latent space).
+* ``vae``: the pipeline's batch-conditioned negative-binomial VAE (the train_vae latent space);
+* ``vae_labels``: the same VAE trained with a classifier on its latent space (scANVI's use of
+  labels; opt-in): it has seen the labels it is scored on, so its held-out score is the fair one.
 
 Scores (:mod:`cellatlas.integrate.scores`) are scIB's, computed by ``scib-metrics``: batch
 correction (iLISI, kBET, graph connectivity, BRAS, PCR comparison) and biological conservation
 (cLISI, label silhouette, isolated labels, Leiden NMI and ARI), combined as scIB does (0.4 x
 batch + 0.6 x biology). Methods that can place cells they were not fitted on (``pca``: the
-loadings; ``vae``: the encoder) are also scored with one donor held out of the fit.
+loadings; ``vae``, ``vae_labels``: the encoder) are also scored with one donor held out of the fit.
 """
 
 from cellatlas.keys import INTEGRATION_BASELINE as BASELINE  # noqa: E402  the method that never corrects anything
 from cellatlas.keys import INTEGRATION_METHODS as METHODS  # noqa: E402  simplest first: the order ties are broken in
 
 #: methods that place new cells, and how; the others get no held-out scores
-MAPS_NEW_CELLS = {"pca": "projected onto the loadings fitted without them", "vae": "encoded by a VAE trained without them"}
+MAPS_NEW_CELLS = {"pca": "projected onto the loadings fitted without them", "vae": "encoded by a VAE trained without them",
+                  "vae_labels": "encoded by a VAE trained without them (nor their labels)"}
 CANNOT_MAP = {
     "harmony": "harmonypy corrects only the cells it was fitted on",
     "bbknn": "its graph joins only the cells it was built on",

@@ -53,13 +53,15 @@ def _scores(it, adata, *, seed: int, n_neighbors: int) -> dict:
 
 def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, Any], settings: Mapping[str, Any],
                  embed: Mapping[str, Any], seed: int = 0, latent: str | None = None,
-                 place_heldout: Callable[..., Any] | None = None) -> Result:
+                 run_method: Callable[..., Any] | None = None, place_heldout: Callable[..., Any] | None = None) -> Result:
     """Rules integrate / integrate_vae: run one method on the embed stage's output and score it,
     with one donor held out of the fit where the method can place new cells.
 
     ``settings`` is the ``integration`` block (``min_batch_cells``, ``holdout``, ``holdout_donor``);
-    ``place_heldout(adata, donor)`` fits the method without the donor and places it (the VAE's,
-    from the integrate_vae job; the PCA's is :func:`~cellatlas.integrate.methods.integrate_heldout`).
+    ``run_method(adata)`` runs a method that trains here (vae_labels; the others are
+    :func:`~cellatlas.integrate.methods.integrate`'s), ``place_heldout(adata, donor)`` fits the
+    method without the donor and places it (the VAEs', from the integrate_vae job; the PCA's is
+    :func:`~cellatlas.integrate.methods.integrate_heldout`).
     """
     import anndata as ad
 
@@ -96,7 +98,8 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
             notes.append(f"one batch ('{batch_sizes(adata).index[0]}'): nothing to integrate, {method} not run")
     else:
         try:
-            it = integrate(adata, method, params, embed=embed, seed=seed, latent=codes)
+            it = (run_method(adata) if run_method is not None
+                  else integrate(adata, method, params, embed=embed, seed=seed, latent=codes))
             notes += it.notes
         except METHOD_FAILURES as e:
             status = f"failed: {' '.join(str(e).split())[:200]}"
