@@ -84,6 +84,10 @@ def test_choice_rule():
     # ties go to the simpler method (METHODS order), never to the name
     method, reason = pick(_table(pca=(0.6, 0.9), vae=(0.75, 0.9), combat=(0.75, 0.9)))
     assert method == "combat" and "tied" in reason
+    # a method that learned the labels it is scored on is never best, only taken when named
+    method, reason = pick(_table(pca=(0.6, 0.9), harmony=(0.8, 0.9), vae_labels=(0.95, 0.99)))
+    assert method == "harmony" and "not ranked, having learned the labels" in reason
+    assert pick(_table(pca=(0.6, 0.9), vae_labels=(0.95, 0.99)), use="vae_labels")[0] == "vae_labels"
     # one batch, no labels: the unintegrated PCA
     one = _table(pca=(np.nan, np.nan), harmony=(np.nan, np.nan)).assign(n_batches=1)
     assert pick(one) == ("pca", "one batch: nothing to integrate")

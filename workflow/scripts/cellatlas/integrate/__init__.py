@@ -30,6 +30,8 @@ CANNOT_MAP = {
     "bbknn": "its graph joins only the cells it was built on",
     "combat": "scanpy's ComBat has no transform for new cells",
 }
+#: methods that learn the labels they are scored on: never "best" (use names them to take one)
+LEARNS_LABELS = ("vae_labels",)
 #: obsm key of an integrated embedding (graph methods have none)
 REP = "X_integrated"
 

@@ -153,7 +153,7 @@ def choose(table: pd.DataFrame, *, use: str, max_bio_loss: float, order: tuple[s
     score (over the shared metrics when there is ``total_common``); ties (to 4 decimals) go to the simpler method
     (earlier in ``order``). One batch, or no labels to score biology with: the PCA.
     """
-    from cellatlas.integrate import BASELINE
+    from cellatlas.integrate import BASELINE, LEARNS_LABELS
 
     ok = table[table["status"] == "ok"].set_index("method")
     if use != "best":
@@ -167,6 +167,8 @@ def choose(table: pd.DataFrame, *, use: str, max_bio_loss: float, order: tuple[s
         return BASELINE, ("no labels to score biology with: 'best' cannot tell a method that removes batches from "
                           "one that also removes cell types; set integration.use to a method to use it")
     floor = ok.loc[BASELINE, "bio_conservation"] - max_bio_loss
+    learned = sorted(set(ok.index) & set(LEARNS_LABELS))
+    ok = ok.drop(index=learned)
     kept = ok[ok["bio_conservation"] >= floor - 1e-12]
     dropped = sorted(set(ok.index) - set(kept.index))
     by = "total_common" if "total_common" in kept else "total"
@@ -180,4 +182,6 @@ def choose(table: pd.DataFrame, *, use: str, max_bio_loss: float, order: tuple[s
         reason += f"; tied with '{rank.index[1]}', the simpler method taken"
     if dropped:
         reason += f"; excluded for losing biology: {', '.join(dropped)}"
+    if learned:
+        reason += f"; not ranked, having learned the labels it is scored on: {', '.join(learned)}"
     return best, reason
