@@ -245,8 +245,8 @@ def orient(client, run_id: str, results: Path, metrics: Mapping[str, float], tag
         f"'{os.environ.get(ENV_EXPERIMENT, '')}') finished.",
         "  compare runs:  " + (".venv/bin/cellatlas-ui, then open" if local else "open"),
         f"                 {view_url(base, run.info.experiment_id, 'cellatlas-models')}",
-        "                 (saved views: Invocations, Models by task, Model scores, Atlas methods, Integration methods,
-                 Runs by stage)",
+        "                 (saved views: Invocations, Models by task, Model scores, Atlas methods,",
+        "                 Integration methods, Runs by stage)",
         "  across invocations: .venv/bin/cellatlas-compare" + ("" if local else f" --tracking-uri {uri}"),
         f"  tables:        {results / 'summary.tsv'}, {results / 'models.tsv'}, {results / 'atlas.tsv'}, "
         f"{results / 'integration.tsv'}",
