@@ -290,14 +290,17 @@ def test_reruns_only_what_changed(workdir):
         assert _jobs(r.stdout) == {"classify_model", "classify_compare", "atlas_map", "atlas_compare", "summary", "all"}
         assert "model=knn" in r.stdout and "model=logistic_regression" not in r.stdout
         assert "method=classifier" in r.stdout and "method=projection" not in r.stdout
-        # one integration method's parameter: that method and what reads the choice, no other method
+        # one integration method's parameter: that method and what reads the choice (the clusters,
+        # and through the VAE's clustered embedding the atlas's latent mapping), no other method
         changed = json.loads(json.dumps(CONFIG))
         changed["integration"]["params"] = {"harmony": {"theta": 1.0}}
         write_config(workdir, changed)
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
-        assert _jobs(r.stdout) == {"integrate", "integrate_compare", "cluster", "cluster_vae", "summary", "all"}
-        assert "method=harmony" in r.stdout and not re.search(r"method=(pca|bbknn)", r.stdout)
+        assert _jobs(r.stdout) == {"integrate", "integrate_compare", "cluster", "cluster_vae", "atlas_reference_vae",
+                                   "atlas_map", "atlas_compare", "summary", "all"}
+        assert "method=harmony" in r.stdout and not re.search(r"method=(pca|bbknn|vae|projection|classifier)\b", r.stdout)
+        assert "rule train_vae" not in r.stdout and "rule integrate_vae" not in r.stdout
         # a new query is mapped onto the reference map as it is: no reference stage reruns
         changed = json.loads(json.dumps(CONFIG))
         changed["datasets"]["sim5k_q2"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_2"]}}}

@@ -231,8 +231,9 @@ def test_models_are_grouped_by_task_and_ranked(page, two_invocations):
 
 
 def test_integration_methods_grouped_by_dataset(page, two_invocations):
-    text = _open(page, _view(two_invocations[1], "cellatlas-integration"), wait_for="cellatlas.dataset: sim5k",
+    text = _open(page, _view(two_invocations[1], "cellatlas-integration"), wait_for="Group by: cellatlas.dataset",
                  shot="integration")
+    assert "Group: sim5k" in text
     for method in ("pca", "harmony", "bbknn", "vae", "vae_labels"):
         assert f"integrate:sim5k/{method}" in text, method
     assert "bio_conservation" in text and "heldout/total" in text
