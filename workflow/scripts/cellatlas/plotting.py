@@ -318,10 +318,9 @@ def across_invocations(table: pd.DataFrame, path: str, *, max_metrics: int = 12)
 def integration_scores(table: pd.DataFrame, path: str, *, title: str = "") -> None:
     """scIB-style table: one row per method, its metrics (batch correction, then biology), the
     aggregates and the held-out total, values in the cells; the chosen method starred."""
-    from cellatlas.naming import INTEGRATION_GROUPS
+    from cellatlas.naming import INTEGRATION_BATCH as BATCH_METRICS
+    from cellatlas.naming import INTEGRATION_BIO as BIO_METRICS
 
-    BATCH_METRICS = [m for m, g in INTEGRATION_GROUPS.items() if g == "batch"]
-    BIO_METRICS = [m for m, g in INTEGRATION_GROUPS.items() if g == "bio"]
     columns = [c for c in (*BATCH_METRICS, *BIO_METRICS, "batch_correction", "bio_conservation", "total",
                            "total_common", "heldout_total", "batch_mixing") if c in table]
     values = table[columns].to_numpy(dtype=float)

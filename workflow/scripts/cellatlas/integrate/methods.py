@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +12,6 @@ import scipy.sparse as sp
 
 from cellatlas import keys
 from cellatlas.errors import InputDataError
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Integrated:
@@ -55,8 +51,7 @@ def _harmony(adata, params: Mapping[str, Any], seed: int) -> Integrated:
         np.asarray(adata.obsm["X_pca"], dtype=np.float64), adata.obs[[keys.BATCH]].astype(str), [keys.BATCH],
         theta=params.get("theta", 2.0), max_iter_harmony=params.get("max_iter", 20), random_state=seed, verbose=False,
     )
-    Z = np.asarray(out.Z_corr)
-    Z = Z if Z.shape[0] == adata.n_obs else Z.T
+    Z = np.asarray(out.Z_corr)  # cells x PCs (harmonypy 2.x)
     objective = np.asarray(out.objective_harmony, dtype=float)
     it = Integrated("harmony", embedding=Z.astype(np.float32), info={"iterations": max(len(objective) - 1, 0)})
     # harmonypy stops at max_iter whether or not the objective settled: say so when it did not

@@ -11,17 +11,14 @@ does not move when another method is added, changed or dropped.
 from __future__ import annotations
 
 import heapq
-import logging
 import math
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-log = logging.getLogger(__name__)
-
-BATCH_METRICS = ("ilisi", "kbet", "graph_connectivity", "bras", "pcr")
-BIO_METRICS = ("clisi", "label_asw", "isolated_labels", "nmi", "ari")
+from cellatlas.naming import INTEGRATION_BATCH as BATCH_METRICS
+from cellatlas.naming import INTEGRATION_BIO as BIO_METRICS
 #: scIB's weights of the overall score
 BATCH_WEIGHT, BIO_WEIGHT = 0.4, 0.6
 #: neighbours per cell for LISI (scib-metrics' Benchmarker: 90), kBET (50) and the rest (15)

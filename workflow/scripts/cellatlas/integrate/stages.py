@@ -18,7 +18,7 @@ from cellatlas.stage import DatasetInput, Result, plot
 log = logging.getLogger(__name__)
 
 #: a failure of the method's own numerics: recorded as the method's result, the others go on
-METHOD_FAILURES = (FloatingPointError, np.linalg.LinAlgError, ArithmeticError)
+METHOD_FAILURES = (ArithmeticError, np.linalg.LinAlgError)
 
 
 def _graph_mixing(graph: sp.spmatrix, obs: pd.DataFrame) -> float:
@@ -42,7 +42,10 @@ def _knn_graph(embedding: np.ndarray, obs: pd.DataFrame, *, n_neighbors: int, se
 def _scores(it, adata, *, seed: int, n_neighbors: int) -> dict:
     from cellatlas.integrate.scores import score
 
-    labels = adata.obs[keys.LABEL].astype(str).fillna("unlabelled").to_numpy() if keys.LABEL in adata.obs else None
+    labels = None
+    if keys.LABEL in adata.obs:
+        label = adata.obs[keys.LABEL]
+        labels = np.where(label.isna(), "unlabelled", label.astype(str))
     row = score(labels=labels, batches=adata.obs[keys.BATCH].to_numpy(), embedding=it.embedding, graph=it.graph,
                 unintegrated=np.asarray(adata.obsm["X_pca"]), seed=seed)
     graph = it.graph if it.graph is not None else _knn_graph(it.embedding, adata.obs, n_neighbors=n_neighbors,
@@ -72,12 +75,15 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
     adata = ad.read_h5ad(h5ad)
     n_batches = check_batches(adata, dataset, min_batch_cells=settings["min_batch_cells"])
     wanted = settings.get("holdout_donor")
-    if settings["holdout"] and wanted is not None and heldout_donor(adata, wanted) is None:
+    donor = heldout_donor(adata, wanted) if settings["holdout"] else None
+    if settings["holdout"] and wanted is not None and donor is None:
         from cellatlas.errors import InputDataError
 
         donors = sorted(adata.obs[keys.DONOR].astype(str).unique()) if keys.DONOR in adata.obs else []
         raise InputDataError(dataset, f"integration.holdout_donor '{wanted}' is not one of its donors "
                                       f"({', '.join(donors[:10]) or 'it has no donor column'})")
+    if n_batches < 2:
+        donor = None
     codes = None
     if latent is not None:
         codes = ad.read_h5ad(latent)
@@ -119,7 +125,6 @@ def method_stage(*, h5ad: str, dataset: str, method: str, params: Mapping[str, A
             out.obsp["distances"] = it.graph
     # held out: one donor left out of the fit, then placed by the fitted method
     row["heldout_donor"], row["heldout"] = "", CANNOT_MAP.get(method, "")
-    donor = heldout_donor(adata, settings.get("holdout_donor")) if settings["holdout"] and n_batches > 1 else None
     if it is not None and method in MAPS_NEW_CELLS:
         if donor is None:
             row["heldout"] = "no donor to hold out (a donor column, and a batch with two donors, are needed)"
@@ -204,7 +209,7 @@ def compare_stage(*, h5ad: str, dataset: str, embeddings: Mapping[str, str], sco
               "atlas_map": "the projection method's map" if chosen == BASELINE else
               "the latent method's map" if chosen == "vae" else
               f"the PCA (projection) and VAE (latent) maps, as without integration ({chosen}: {CANNOT_MAP[chosen]})"}
-    adata.uns[keys.UNS_KEY]["integrate"] = {k: v for k, v in choice.items()}
+    adata.uns[keys.UNS_KEY]["integrate"] = dict(choice)
     colors = plotting.annotation_colors(adata.obs)
     row = table.set_index("method").loc[chosen]
     metrics: dict[str, Any] = {"integration": chosen, "reason": reason}
