@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: install run test lint ui clean
+.PHONY: install run test test-fast lint ui clean
 
 $(BIN)/snakemake: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -v
+
+# the unit tests, spread over the cores: no workflow run, no server, no cluster (under 3 minutes;
+# for development). `make test` runs them all.
+test-fast: install
+	$(BIN)/python -m pytest -m "not workflow and not server" -n $(if $(filter all,$(CORES)),auto,$(CORES)) --dist loadfile -q
 
 # the MLflow UI over results/ on 127.0.0.1:5000, with a link per saved view
 ui: install

@@ -8,6 +8,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 SHARED_DATA = Path(os.environ.get("CELLATLAS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
+# the JIT caches the pipeline's jobs use (cellatlas.runner), for the tests that run stages in this
+# process too: umap/pynndescent's numba code and scib-metrics' jax code compile once per checkout
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".snakemake" / "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+from cellatlas._numba import enable_cache  # noqa: E402
+
+enable_cache(str(ROOT / ".snakemake" / "numba-cache"))
+
 
 def task_obs():
     """600 cells, 3 classes, 6 donors nested in 2 batches, a numeric 'program' (the classify tests' obs)."""

@@ -154,6 +154,7 @@ class _Files(dict):
     __getattr__ = dict.__getitem__
 
 
+@pytest.mark.server
 def test_a_server_lost_in_the_middle_of_a_job_ends_it_with_one_line(server, tmp_path, monkeypatch, capsys):
     import pandas as pd
 
@@ -178,6 +179,7 @@ def test_a_server_lost_in_the_middle_of_a_job_ends_it_with_one_line(server, tmp_
     assert "Traceback" in Path(job.log[0]).read_text()  # the whole story stays in the job's log
 
 
+@pytest.mark.server
 def test_a_job_that_passed_the_server_check_just_before_the_outage_ends_with_one_line(server, tmp_path, monkeypatch,
                                                                                       capsys):
     from cellatlas.runner import run_stage
@@ -197,6 +199,7 @@ def test_a_job_that_passed_the_server_check_just_before_the_outage_ends_with_one
     assert line.startswith("cellatlas error in stage qc: lost the MLflow tracking store " + server["uri"])
 
 
+@pytest.mark.server
 def test_the_end_of_an_invocation_survives_a_dead_server(server, tmp_path, monkeypatch, capsys):
     invocation.start_parent(uri=server["uri"], experiment="t", config={"a": 1}, workdir=tmp_path)
     for var in (tracking.ENV_PARENT, tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_CONFIG_HASH,
@@ -285,6 +288,7 @@ def chain(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("kill") / "wf", CHAIN)
 
 
+@pytest.mark.workflow
 def test_a_job_killed_with_sigkill_leaves_no_run_running(chain):
     w = chain
     proc = _start(w)
@@ -299,6 +303,7 @@ def test_a_job_killed_with_sigkill_leaves_no_run_running(chain):
     assert not (w / "results" / "d" / "embed.h5ad").exists()
 
 
+@pytest.mark.workflow
 def test_after_snakemake_is_killed_its_job_stops_and_the_next_invocation_closes_the_rest(chain):
     from workflow_utils import snakemake
 

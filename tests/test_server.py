@@ -17,6 +17,7 @@ from conftest import ROOT
 
 from cellatlas import tracking
 
+pytestmark = pytest.mark.server
 PASSWORD = "admin-s3cret-for-the-test"
 
 

@@ -127,6 +127,7 @@ def test_server_check_passes_a_live_server_refuses_a_refusing_one_and_ignores_lo
     tracking.check_server(f"sqlite:///{tmp_path / 'x.db'}")  # no server to ask
 
 
+@pytest.mark.workflow
 def test_a_workflow_with_an_unreachable_server_starts_no_job(tmp_path):
     import yaml
     from conftest import ROOT

@@ -359,7 +359,7 @@ def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):
         "atlas": {"atlases": {"a": {"reference": "ref", "queries": ["pbmc68k"], "methods": ["projection"]}}},
     }
     w = make_workdir(tmp_path / "w", cfg)
-    r = snakemake(w, "--cores", "2", "--keep-going")
+    r = snakemake(w, "--cores", "2", "--keep-going", "--", "results/atlas/a/pbmc68k/projection/mapped.h5ad")
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("cellatlas error")]
     assert lines and re.fullmatch(
@@ -441,9 +441,13 @@ def test_bad_classify_targets_fail_cleanly(tmp_path):
         "classify": {"tasks": {"one": {"celltype": {"target": "label"},
                                        "batch_size": {"target": "batch", "kind": "regression"}}},
                      "classifiers": {"knn": {"kind": "knn"}}, "regressors": {"ridge": {"kind": "ridge"}}},
+        "integration": {"datasets": []},
+        "train": {"embedding": {"datasets": []}},
     }
     w = make_workdir(tmp_path / "w", cfg)
-    r = snakemake(w, "--cores", "2", "--keep-going")
+    # the two tasks' splits (and what they read), not the maps and clusters beside them
+    r = snakemake(w, "--cores", "2", "--keep-going", "--", "results/one/classify/celltype/folds.tsv.gz",
+                  "results/one/regress/batch_size/folds.tsv.gz")
     assert r.returncode != 0
     lines = {line for line in r.stderr.splitlines() if line.startswith("cellatlas error")}
     assert "cellatlas error in stage classify: dataset 'one', task 'celltype': target 'label' has 1 class " \

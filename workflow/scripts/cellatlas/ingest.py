@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 BUNDLED = ("pbmc68k_reduced", "krumsiek11")
 
 
+def _reason(error: Exception, path: str | Path) -> str:
+    """A reader's message without the path the error line names already (readers repeat it)."""
+    return str(error).replace(str(path), Path(path).name)
+
+
 def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
     """Read the raw AnnData of ``dataset`` as its ``source`` describes.
 
@@ -90,10 +95,11 @@ def read_source(dataset: str, source: dict[str, Any], path: str | None = None):
         raise
     except ValueError as e:
         if "could not convert" in str(e) or "convert string" in str(e):
-            raise InputDataError(dataset, f"not a numeric {fmt} matrix ({e})", path=path) from e
-        raise InputDataError(dataset, f"cannot read as {fmt}: {e}", path=path) from e
+            raise InputDataError(dataset, f"not a numeric {fmt} matrix ({_reason(e, path)})", path=path) from e
+        raise InputDataError(dataset, f"cannot read as {fmt}: {_reason(e, path)}", path=path) from e
     except Exception as e:  # corrupt or truncated files raise anything from OSError to KeyError
-        raise InputDataError(dataset, f"cannot read as {fmt}: {type(e).__name__}: {e}", path=path) from e
+        raise InputDataError(dataset, f"cannot read as {fmt}: {type(e).__name__}: {_reason(e, path)}",
+                             path=path) from e
     return adata
 
 
