@@ -32,6 +32,13 @@ STAGES = ("ingest", "qc", "normalize", "embed", "cluster")
 SHARED = HERE.parent.parent / "shared" / "data" / "pbmc3k" / "pbmc3k_counts_labelled.h5ad"
 
 
+def chain_config(entry: dict, dataset: str) -> dict:
+    """The chain to clusters only: the supervised models, integration methods and the VAE have
+    benchmarks of their own (classify_benchmark.py, integration_benchmark.py, train_benchmark.py)."""
+    return {"datasets": {dataset: entry}, "classify": {"tasks": {}}, "integration": {"datasets": []},
+            "train": {"embedding": {"datasets": []}}}
+
+
 def prepare(name: str, out: Path) -> Path:
     if name == "pbmc3k":
         if not SHARED.exists():
@@ -55,11 +62,9 @@ def pipeline(workdir: Path, h5ad: Path, dataset: str, annotated: bool) -> tuple[
     entry = {"source": {"kind": "h5ad", "path": str(h5ad)}}
     if annotated:  # the simulated data carry their annotation, as a user's atlas would
         entry.update(label_key="cell_type", batch_key="batch", donor_key="donor")
-    # the chain to clusters only: the supervised models have their own benchmark (classify_benchmark.py)
-    config = {"datasets": {dataset: entry}, "classify": {"tasks": {}}}
-    make_workdir(workdir, config)
+    make_workdir(workdir, chain_config(entry, dataset))
     t = time.perf_counter()
-    r = snakemake(workdir, "--cores", "2")
+    r = snakemake(workdir, "--cores", "2", "--", f"results/{dataset}/cluster/run.json")
     wall = time.perf_counter() - t
     if r.returncode != 0:
         sys.exit(r.stderr[-3000:])

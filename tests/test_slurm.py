@@ -159,7 +159,7 @@ def test_every_rule_of_the_demo_ran_under_slurm(run, tmp_path):
     _, jobs, _ = run
     demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     planned = rules_planned(make_workdir(tmp_path / "demo", demo), demo)
-    assert len(planned) > 20
+    assert {"ingest", "integrate_vae", "train_mlp", "atlas_reference_vae", "summary"} <= planned  # the table was read
     assert planned <= {j["rule"] for j in jobs if j["state"] == "COMPLETED"}, planned
 
 

@@ -13,7 +13,8 @@ described by), with the structure real atlases have and tests need:
 * library sizes vary log-normally, a few genes are mitochondrial (``MT-``) or ribosomal
   (``RPS``/``RPL``), and an optional fraction of cells are doublets (sum of two cells).
 
-Rows are generated in chunks straight into CSR so that 100,000+ cells fit in memory.
+Rows are generated in blocks straight into CSR so that 100,000+ cells fit in memory, and
+:func:`write_simulated` streams them to an h5ad file for inputs larger than memory.
 """
 
 from __future__ import annotations
@@ -68,6 +69,40 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     import anndata as ad
 
     p = params if params is not None else SimulationParams(**kwargs)
+    obs, var, rows = _simulation(p)
+    return ad.AnnData(X=sp.vstack(list(rows), format="csr"), obs=obs, var=var, uns={"simulation": dict(p.__dict__)})
+
+
+def write_simulated(path: str, params: SimulationParams | None = None, **kwargs) -> None:
+    """Write what :func:`simulate_counts` returns to the h5ad file ``path``, block by block of cells
+    (anndata's on-disk sparse append), holding one block in memory: inputs of any size."""
+    import anndata as ad
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    p = params if params is not None else SimulationParams(**kwargs)
+    obs, var, rows = _simulation(p)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        for key, value in (("obs", obs), ("var", var), ("uns", {"simulation": dict(p.__dict__)})):
+            write_elem(f, key, value)
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(f, key, {})
+        X = None
+        for block in rows:
+            if X is None:
+                # 64-bit offsets from the start: a million cells pass 2**31 nonzeros
+                write_elem(f, "X", sp.csr_matrix((block.data, block.indices, block.indptr.astype(np.int64)),
+                                                 shape=block.shape))
+                X = sparse_dataset(f["X"])
+            else:
+                X.append(block)
+    ad.read_h5ad(path, backed="r").file.close()  # readable as anndata writes it, or fail here
+
+
+def _simulation(p: SimulationParams):
+    """``(obs, var, blocks)``: the cells' annotation and a generator of CSR float32 count blocks
+    (rows in order), drawn from one seeded stream in the order the blocks are consumed."""
     check(p)
     rng = np.random.default_rng(p.seed)
     n_special = p.n_mito + p.n_ribo
@@ -123,18 +158,6 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
     program_idx = np.sort(extra.choice(np.arange(n_special, p.n_genes), p.program_genes, replace=False))
     activity = extra.uniform(0.0, 1.0, p.n_cells)
 
-    chunks = []
-    chunk = max(1, 2_000_000 // p.n_genes)
-    for start in range(0, p.n_cells, chunk):
-        sl = slice(start, min(start + chunk, p.n_cells))
-        mu = means(cell_type[sl], donor[sl], batch[sl], size[sl], activity[sl])
-        dbl = is_doublet[sl]
-        if dbl.any():
-            mu[dbl] += means(partner_type[sl][dbl], donor[sl][dbl], batch[sl][dbl], size[sl][dbl], activity[sl][dbl])
-        lam = rng.gamma(p.theta, mu / p.theta)
-        chunks.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
-    X = sp.vstack(chunks, format="csr")
-
     obs = pd.DataFrame(
         {
             "cell_type": pd.Categorical([f"type_{t}" for t in cell_type]),
@@ -148,9 +171,20 @@ def simulate_counts(params: SimulationParams | None = None, **kwargs) -> "anndat
         # the measured quantity: activity plus assay noise (what a protein or viability readout gives)
         obs["program"] = (activity + extra.normal(0.0, 0.05, p.n_cells)).astype(np.float32)
     var = pd.DataFrame(index=pd.Index(gene_names))
-    adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.uns["simulation"] = {k: v for k, v in p.__dict__.items()}
-    return adata
+
+    def blocks():
+        chunk = max(1, 2_000_000 // p.n_genes)
+        for start in range(0, p.n_cells, chunk):
+            sl = slice(start, min(start + chunk, p.n_cells))
+            mu = means(cell_type[sl], donor[sl], batch[sl], size[sl], activity[sl])
+            dbl = is_doublet[sl]
+            if dbl.any():
+                mu[dbl] += means(partner_type[sl][dbl], donor[sl][dbl], batch[sl][dbl], size[sl][dbl],
+                                 activity[sl][dbl])
+            lam = rng.gamma(p.theta, mu / p.theta)
+            yield sp.csr_matrix(rng.poisson(lam).astype(np.float32))
+
+    return obs, var, blocks()
 
 
 def estimate_bytes(p: SimulationParams) -> float:
