@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
+# pytest-xdist workers for the unit tests (a test file stays on one worker: its fixtures are made once)
+XDIST = $(if $(filter all,$(CORES)),auto,$(CORES)) --dist loadfile
 
 .PHONY: install run test test-fast lint ui clean
 
@@ -19,13 +21,16 @@ install: $(BIN)/snakemake
 run: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml --replace-workflow-config
 
+# the unit tests first, over the cores, then the tests that run workflows, servers and the cluster
+# one at a time (they share runs, and their jobs already fill the cores)
 test: install
-	$(BIN)/python -m pytest -v
+	$(BIN)/python -m pytest -v -m "not workflow and not server" -n $(XDIST)
+	$(BIN)/python -m pytest -v -m "workflow or server"
 
 # the unit tests, spread over the cores: no workflow run, no server, no cluster (under 3 minutes;
 # for development). `make test` runs them all.
 test-fast: install
-	$(BIN)/python -m pytest -m "not workflow and not server" -n $(if $(filter all,$(CORES)),auto,$(CORES)) --dist loadfile -q
+	$(BIN)/python -m pytest -m "not workflow and not server" -n $(XDIST) -q
 
 # the MLflow UI over results/ on 127.0.0.1:5000, with a link per saved view
 ui: install
