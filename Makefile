@@ -21,11 +21,12 @@ install: $(BIN)/snakemake
 run: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml --replace-workflow-config
 
-# the unit tests first, over the cores, then the tests that run workflows, servers and the cluster
-# one at a time (they share runs, and their jobs already fill the cores)
+# every test but the big workflow runs first, over the cores; then those, one at a time (they
+# share runs, and their jobs fill the cores themselves)
+SERIAL_TESTS = tests/test_workflow.py tests/test_workflow_ui.py tests/test_slurm.py
 test: install
-	$(BIN)/python -m pytest -v -m "not workflow and not server" -n $(XDIST)
-	$(BIN)/python -m pytest -v -m "workflow or server"
+	$(BIN)/python -m pytest -v -n $(XDIST) $(addprefix --ignore=,$(SERIAL_TESTS))
+	$(BIN)/python -m pytest -v $(SERIAL_TESTS)
 
 # the unit tests, spread over the cores: no workflow run, no server, no cluster (under 3 minutes;
 # for development). `make test` runs them all.
