@@ -102,8 +102,9 @@ def run_size(n_cells: int, keep: bool) -> dict:
         result["failed_stage"] = failed[0] if failed else None
         result["failure"] = ((log.read_text()[-1500:] if log and log.exists() else "") + "\n" + r.stderr[-1500:])
     (folder / "snakemake.log").write_text(r.stdout + r.stderr)
-    if not keep:  # the stages' h5ad files are several copies of the matrix: the disk, not the figures
-        shutil.rmtree(workdir / "results", ignore_errors=True)
+    if not keep:  # the stages' h5ad files are several copies of the matrix; logs and tables stay
+        for h5ad in (workdir / "results").rglob("*.h5ad"):
+            h5ad.unlink()
         shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
     return result
 
@@ -139,7 +140,7 @@ def report(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sizes", nargs="*", type=int)
-    parser.add_argument("--keep", action="store_true", help="keep each size's results/ (several copies of the matrix)")
+    parser.add_argument("--keep", action="store_true", help="keep each size's h5ad files (several copies of the matrix)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
