@@ -127,10 +127,8 @@ def report(results: list[dict]) -> str:
             s = r["stages"].get(stage)
             cells.append(f"{s['seconds']:,.0f} s, {s['max_rss_mb'] / 1024:.1f} GiB" if s else
                          ("**failed**" if r.get("failed_stage") == stage else "-"))
-        t, m = fit(results, stage, "seconds"), fit(results, stage, "max_rss_mb")
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {t:.2f} |" if t is not None else
-                     f"| {stage} | " + " | ".join(cells) + " | - |")
-        lines[-1] += f" {m:.2f} |" if m is not None else " - |"
+        slopes = [fit(results, stage, key) for key in ("seconds", "max_rss_mb")]
+        lines.append(f"| {stage} | " + " | ".join(cells + ["-" if e is None else f"{e:.2f}" for e in slopes]) + " |")
     lines.append("| whole chain (wall) | " + " | ".join(
         f"{r['wall_seconds']:,.0f} s" + ("" if r["completed"] else " (stopped)") for r in results) + " | | |")
     lines.append("| nonzeros | " + " | ".join(f"{r['nnz'] / 1e6:,.0f} M" for r in results) + " | | |")

@@ -8,7 +8,6 @@ record says why, rather than computed on numbers that do not mean what they clai
 from __future__ import annotations
 
 import gc
-
 import logging
 from dataclasses import dataclass
 from typing import Any
