@@ -197,7 +197,7 @@ def test_method_stage_records_one_batch_and_a_failing_method(embedded, tmp_path,
                                scores=[str(tmp_path / f"{m}.tsv") for m in ("pca", "harmony")], use="best",
                                max_bio_loss=0.05, embed={"n_neighbors": 10, "umap_min_dist": 0.5, "tsne_perplexity": 30})
     assert cmp.records["choice"]["method"] == "pca" and cmp.records["choice"]["reason"] == "one batch: nothing to integrate"
-    assert cmp.data["h5ad"].obsm["X_tsne"].shape == (one.n_obs, 2)
+    assert cmp.data["h5ad"].adata.obsm["X_tsne"].shape == (one.n_obs, 2)
 
     def singular(*a, **k):
         raise np.linalg.LinAlgError("Singular matrix")

@@ -131,3 +131,22 @@ def test_cluster_reports_batch_mixing_only_with_batches(normalized):
     assert np.isnan(batch_mixing(normalized))
     _, _, summary = cluster(normalized, resolutions=[1.0], marker_resolution=1.0, marker_n_genes=5)
     assert "batch_mixing" not in summary
+
+
+
+def test_markers_are_scanpys_wilcoxon_result(normalized):
+    import scanpy as sc
+
+    from cellatlas.cluster import markers
+
+    embed(normalized, n_pcs=10)
+    cluster(normalized, resolutions=[1.0], marker_resolution=1.0, marker_n_genes=5)
+    ours = markers(normalized, resolution=1.0, n_genes=30)
+    assert normalized.uns["rank_genes_groups"]["params"]["method"] == "wilcoxon (illico)"
+    sc.tl.rank_genes_groups(normalized, groupby=keys.leiden_key(1.0), method="wilcoxon", n_genes=30, use_raw=False)
+    theirs = sc.get.rank_genes_groups_df(normalized, group=None)
+    assert len(ours) == len(theirs) == 30 * normalized.obs[keys.leiden_key(1.0)].nunique()
+    assert list(ours["gene"]) == list(theirs["names"])
+    np.testing.assert_allclose(ours["score"], theirs["scores"], rtol=1e-5)
+    np.testing.assert_allclose(ours["logfoldchange"], theirs["logfoldchanges"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours["pval_adj"], theirs["pvals_adj"], rtol=1e-6, atol=1e-300)

@@ -75,11 +75,12 @@ def normalize_stage(h5ad: str, dataset: str, p: Mapping[str, Any]) -> Result:
 
 
 def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, threads: int) -> Result:
-    import anndata as ad
-
+    from cellatlas import h5ad_io
     from cellatlas.embed import embed
 
-    adata = ad.read_h5ad(h5ad)
+    # the maps need the HVG columns of X only: the counts stay on disk, X is not written again
+    data = h5ad_io.read(h5ad, without=("layers",), unchanged=("X",))
+    adata = data.adata
     if adata.n_obs <= max(p["n_neighbors"], MIN_EMBED_CELLS):
         raise InputDataError(dataset, f"{adata.n_obs} cells are left to embed; the maps need more than "
                                       f"{max(p['n_neighbors'], MIN_EMBED_CELLS)} (embed.n_neighbors and a floor of "
@@ -89,7 +90,7 @@ def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, thr
         tsne_perplexity=p["tsne_perplexity"], seed=seed, n_jobs=threads,
     )
     colors = plotting.annotation_colors(adata.obs)
-    return Result(metrics=summary, data={"h5ad": adata}, inputs=[DatasetInput(dataset, h5ad)], figures={
+    return Result(metrics=summary, data={"h5ad": data}, inputs=[DatasetInput(dataset, h5ad)], figures={
         "pca": plot(plotting.pca_variance, adata.uns["pca"]["variance_ratio"], title=f"{dataset}: PCA"),
         "umap": plot(plotting.embedding, adata.obsm["X_umap"], colors, basis="UMAP", title=dataset),
         "tsne": plot(plotting.embedding, adata.obsm["X_tsne"], colors, basis="t-SNE", title=dataset),
@@ -97,11 +98,12 @@ def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, thr
 
 
 def cluster_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Result:
-    import anndata as ad
-
+    from cellatlas import h5ad_io
     from cellatlas.cluster import cluster
 
-    adata = ad.read_h5ad(h5ad)
+    # markers are tested on log-normalized X; the counts stay on disk, X is not written again
+    data = h5ad_io.read(h5ad, without=("layers",), unchanged=("X",))
+    adata = data.adata
     agreement, markers, summary = cluster(
         adata, resolutions=p["resolutions"], marker_resolution=p["marker_resolution"],
         marker_method=p["marker_method"], marker_n_genes=p["marker_n_genes"], seed=seed,
@@ -110,7 +112,7 @@ def cluster_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -
     if keys.LABEL in adata.obs:
         colors[keys.LABEL] = adata.obs[keys.LABEL]
     return Result(
-        metrics=summary, data={"h5ad": adata}, tables={"agreement": agreement, "markers": markers},
+        metrics=summary, data={"h5ad": data}, tables={"agreement": agreement, "markers": markers},
         figures={
             "umap": plot(plotting.embedding, adata.obsm["X_umap"], colors, basis="UMAP", title=f"{dataset}: Leiden clusters"),
             "dotplot": plot(plotting.marker_dotplot, adata, markers, resolution=p["marker_resolution"],

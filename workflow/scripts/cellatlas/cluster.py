@@ -108,22 +108,44 @@ def agreement_summary(table: pd.DataFrame) -> dict[str, float]:
 def markers(adata, *, resolution: float, method: str = "wilcoxon", n_genes: int = 25) -> pd.DataFrame:
     """Marker genes of each cluster at ``resolution`` against the rest, on log-normalized ``X``.
 
+    The Wilcoxon test runs in illico, whose sparse rank sums give scanpy's own result (names,
+    scores, p-values and fold changes, checked in the tests) at a cost linear in the nonzeros:
+    scanpy 1.11 ranks a dense copy of every gene and sums the ranks once per cluster, so its
+    cost grows with cells x clusters (100,000 cells in 93 clusters: 174 s against illico's 10 s).
+    The other methods are scanpy's.
+
     Returns
     -------
     Long table: ``cluster``, ``rank``, ``gene``, ``score``, ``logfoldchange``, ``pval_adj``;
-    ``adata.uns["rank_genes_groups"]`` holds scanpy's full result.
+    ``adata.uns["rank_genes_groups"]`` holds the full result in scanpy's layout.
     """
     import scanpy as sc
 
     key = keys.leiden_key(resolution)
     if adata.obs[key].nunique() < 2:
         return pd.DataFrame(columns=["cluster", "rank", "gene", "score", "logfoldchange", "pval_adj"])
-    sc.tl.rank_genes_groups(adata, groupby=key, method=method, n_genes=n_genes, use_raw=False)
+    if method == "wilcoxon":
+        adata.uns["rank_genes_groups"] = wilcoxon(adata, key, n_genes=n_genes)
+    else:
+        sc.tl.rank_genes_groups(adata, groupby=key, method=method, n_genes=n_genes, use_raw=False)
     frame = sc.get.rank_genes_groups_df(adata, group=None)
     frame = frame.rename(columns={"group": "cluster", "names": "gene", "scores": "score", "logfoldchanges": "logfoldchange", "pvals_adj": "pval_adj"})
     frame["rank"] = frame.groupby("cluster", observed=True).cumcount() + 1
     cols = ["cluster", "rank", "gene", "score", "logfoldchange", "pval_adj"]
     return frame[[c for c in cols if c in frame.columns]]
+
+
+def wilcoxon(adata, groupby: str, *, n_genes: int) -> dict:
+    """scanpy's ``rank_genes_groups(method="wilcoxon")`` result (one cluster against the rest, no
+    tie or continuity correction, Benjamini-Hochberg, fold changes of the expm1 means) from illico."""
+    from illico import asymptotic_wilcoxon
+
+    result = asymptotic_wilcoxon(
+        adata, is_log1p=True, group_keys=groupby, tie_correct=False, use_continuity=False, exp_post_agg=True,
+        n_genes=min(n_genes, adata.n_vars), corr_method="benjamini-hochberg", return_as_scanpy=True, n_threads=1,
+    )
+    result["params"].update(reference="rest", method="wilcoxon (illico)")  # scanpy's words for one-vs-rest
+    return result
 
 
 def cluster(

@@ -85,6 +85,8 @@ def write_result(result, outputs: dict[str, str]) -> None:
     """Write every entry of ``result`` to the output of the same name."""
     import joblib
 
+    from cellatlas import h5ad_io
+
     for key, table in result.tables.items():
         table.to_csv(outputs[key], sep="\t", index=False)
     for key, record in result.records.items():
@@ -94,7 +96,10 @@ def write_result(result, outputs: dict[str, str]) -> None:
     for key, draw in result.figures.items():
         draw(outputs[key])
     for key, adata in result.data.items():
-        adata.write_h5ad(outputs[key])
+        if isinstance(adata, h5ad_io.Carried):
+            h5ad_io.write(adata, outputs[key])
+        else:
+            adata.write_h5ad(outputs[key])
     for key, path in result.files.items():
         shutil.move(str(path), outputs[key])
     for key, model in result.models.items():

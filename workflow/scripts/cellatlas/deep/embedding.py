@@ -197,7 +197,9 @@ def cluster_stage(*, latent: str, clustered: str, dataset: str, embed: Mapping[s
     from cellatlas import plotting
     from cellatlas.cluster import agreement_summary
 
-    adata = ad.read_h5ad(clustered)
+    from cellatlas import h5ad_io
+
+    adata = h5ad_io.read(clustered, without=("X", "layers")).adata  # the VAE's clusters need no gene matrix
     codes = ad.read_h5ad(latent)
     if not codes.obs_names.equals(adata.obs_names):
         raise InputDataError(dataset, f"the cells of '{latent}' differ from those of '{clustered}'; rerun train_vae")

@@ -1,0 +1,66 @@
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from cellatlas import h5ad_io, keys
+
+
+@pytest.fixture
+def stored(tmp_path):
+    rng = np.random.default_rng(0)
+    counts = sp.random(50, 30, density=0.3, format="csr", random_state=rng, dtype=np.float32)
+    counts.data = np.round(counts.data * 10) + 1
+    a = ad.AnnData(X=counts.copy(), layers={keys.COUNTS_LAYER: counts})
+    a.X.data = np.log1p(a.X.data)
+    a.obs["label"] = rng.choice(["a", "b"], 50)
+    a.uns["stage"] = {"k": 1}
+    path = tmp_path / "in.h5ad"
+    a.write_h5ad(path)
+    return path, a
+
+
+def test_read_leaves_the_layers_on_disk(stored):
+    path, a = stored
+    data = h5ad_io.read(str(path))
+    assert keys.COUNTS_LAYER not in data.adata.layers
+    assert (data.adata.X != a.X).nnz == 0 and data.adata.obs_names.equals(a.obs_names)
+    assert data.adata.uns["stage"]["k"] == 1
+
+
+def test_write_carries_the_left_out_elements_and_replaces_the_rest(stored, tmp_path):
+    path, a = stored
+    data = h5ad_io.read(str(path), without=("layers",), unchanged=("X",))
+    data.adata.obsm["X_new"] = np.arange(100, dtype=np.float32).reshape(50, 2)
+    data.adata.obs["cluster"] = "0"
+    out = tmp_path / "out.h5ad"
+    h5ad_io.write(data, str(out))
+    back = ad.read_h5ad(out)
+    assert (back.layers[keys.COUNTS_LAYER] != a.layers[keys.COUNTS_LAYER]).nnz == 0
+    assert (back.X != a.X).nnz == 0
+    np.testing.assert_array_equal(back.obsm["X_new"], data.adata.obsm["X_new"])
+    assert list(back.obs.columns) == ["label", "cluster"]
+
+
+
+def test_an_unchanged_x_is_copied_from_the_input_not_written_from_memory(stored, tmp_path):
+    path, a = stored
+    data = h5ad_io.read(str(path), unchanged=("X",))
+    data.adata.X = data.adata.X * 0  # what the stage holds is not what is written
+    out = tmp_path / "out.h5ad"
+    h5ad_io.write(data, str(out))
+    assert (ad.read_h5ad(out).X != a.X).nnz == 0
+
+
+def test_x_left_out_is_carried_without_being_read(stored, tmp_path):
+    path, a = stored
+    data = h5ad_io.read(str(path), without=("X", "layers"))
+    assert data.adata.X is None and data.adata.shape == a.shape
+    out = tmp_path / "out.h5ad"
+    h5ad_io.write(data, str(out))
+    assert (ad.read_h5ad(out).X != a.X).nnz == 0
+
+
+def test_only_matrices_can_be_left_out(stored):
+    with pytest.raises(ValueError, match="obs"):
+        h5ad_io.read(str(stored[0]), without=("obs",))
