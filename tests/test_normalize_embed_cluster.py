@@ -150,3 +150,18 @@ def test_markers_are_scanpys_wilcoxon_result(normalized):
     np.testing.assert_allclose(ours["score"], theirs["scores"], rtol=1e-5)
     np.testing.assert_allclose(ours["logfoldchange"], theirs["logfoldchanges"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours["pval_adj"], theirs["pvals_adj"], rtol=1e-6, atol=1e-300)
+
+
+def test_hvgs_are_scanpys_selection_on_the_whole_anndata(canonical):
+    import scanpy as sc
+
+    a = run_qc(canonical, "sim", mode="fixed", fixed={"min_genes": 0}, doublets=False).adata
+    theirs = a.copy()
+    normalize(a, "sim", n_top_genes=200)
+    theirs.layers[keys.COUNTS_LAYER] = theirs.X.copy()
+    sc.pp.normalize_total(theirs, target_sum=1e4)
+    sc.pp.log1p(theirs)
+    sc.pp.highly_variable_genes(theirs, n_top_genes=200, flavor="seurat", batch_key=keys.BATCH)
+    for column in ("highly_variable", "means", "dispersions_norm", "highly_variable_nbatches"):
+        np.testing.assert_array_equal(a.var[column], theirs.var[column])
+    assert a.uns["hvg"] == theirs.uns["hvg"]
