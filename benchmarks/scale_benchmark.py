@@ -109,8 +109,10 @@ def run_size(n_cells: int, keep: bool) -> dict:
     return result
 
 
-def fit(results: list[dict], stage: str, key: str) -> float | None:
-    points = [(r["n_cells"], r["stages"][stage][key]) for r in results if stage in r["stages"]]
+def fit(results: list[dict], stage: str, key: str, size: str = "n_cells") -> float | None:
+    """Slope of log(cost) against log(size): ``size`` is cells or nonzeros (the inputs' nonzeros per
+    cell differ between sizes, see the module's note)."""
+    points = [(r[size], r["stages"][stage][key]) for r in results if stage in r["stages"]]
     if len(points) < 2:
         return None
     n, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
@@ -120,18 +122,18 @@ def fit(results: list[dict], stage: str, key: str) -> float | None:
 def report(results: list[dict]) -> str:
     results = sorted(results, key=lambda r: r["n_cells"])
     lines = ["| stage | " + " | ".join(f"{r['n_cells']:,} cells" for r in results) + " | exponent (time) | "
-             "exponent (memory) |", "|---|" + "---:|" * (len(results) + 2)]
+             "exponent (memory) | per nonzero (time) |", "|---|" + "---:|" * (len(results) + 3)]
     for stage in STAGES:
         cells = []
         for r in results:
             s = r["stages"].get(stage)
             cells.append(f"{s['seconds']:,.0f} s, {s['max_rss_mb'] / 1024:.1f} GiB" if s else
                          ("**failed**" if r.get("failed_stage") == stage else "-"))
-        slopes = [fit(results, stage, key) for key in ("seconds", "max_rss_mb")]
+        slopes = [fit(results, stage, key) for key in ("seconds", "max_rss_mb")] + [fit(results, stage, "seconds", "nnz")]
         lines.append(f"| {stage} | " + " | ".join(cells + ["-" if e is None else f"{e:.2f}" for e in slopes]) + " |")
     lines.append("| whole chain (wall) | " + " | ".join(
-        f"{r['wall_seconds']:,.0f} s" + ("" if r["completed"] else " (stopped)") for r in results) + " | | |")
-    lines.append("| nonzeros | " + " | ".join(f"{r['nnz'] / 1e6:,.0f} M" for r in results) + " | | |")
+        f"{r['wall_seconds']:,.0f} s" + ("" if r["completed"] else " (stopped)") for r in results) + " | | | |")
+    lines.append("| nonzeros | " + " | ".join(f"{r['nnz'] / 1e6:,.0f} M" for r in results) + " | | | |")
     return "\n".join(lines)
 
 

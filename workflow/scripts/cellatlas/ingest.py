@@ -176,7 +176,8 @@ def canonicalize(
     X, var = _select_matrix(adata, dataset, matrix, path)
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise InputDataError(dataset, f"the matrix is empty ({X.shape[0]} cells x {X.shape[1]} genes)", path=path)
-    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
+    # a float32 CSR matrix is taken as it is: a copy here was a second matrix held through ingest
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32, copy=False)
     X.sum_duplicates()
     X.eliminate_zeros()
     _check_values(X, dataset, values, path)
@@ -267,7 +268,9 @@ def _check_values(X: sp.csr_matrix, dataset: str, values: str, path: str | None)
         raise InputDataError(
             dataset, f"{int((data < 0).sum())} negative values; expected counts or log-normalized values", path=path
         )
-    integral = bool(np.all(data == np.round(data)))
+    # in blocks: np.round of the whole data array would be half a copy of the matrix more
+    block = 1 << 24
+    integral = all(np.array_equal(part, np.round(part)) for part in (data[i:i + block] for i in range(0, data.size, block)))
     if values == keys.VALUES_COUNTS and not integral:
         raise InputDataError(
             dataset,
