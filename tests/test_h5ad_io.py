@@ -64,3 +64,14 @@ def test_x_left_out_is_carried_without_being_read(stored, tmp_path):
 def test_only_matrices_can_be_left_out(stored):
     with pytest.raises(ValueError, match="obs"):
         h5ad_io.read(str(stored[0]), without=("obs",))
+
+
+def test_an_input_element_becomes_a_layer_of_the_output(stored, tmp_path):
+    path, a = stored
+    data = h5ad_io.read(str(path), layers_from={"raw_x": "X"})
+    data.adata.X = data.adata.X * 2  # the stage changes X in memory; the output keeps the input's too
+    out = tmp_path / "out.h5ad"
+    h5ad_io.write(data, str(out))
+    back = ad.read_h5ad(out)
+    assert (back.layers["raw_x"] != a.X).nnz == 0 and (back.X != a.X * 2).nnz == 0
+    assert set(back.layers) == {"raw_x", keys.COUNTS_LAYER}

@@ -165,3 +165,18 @@ def test_hvgs_are_scanpys_selection_on_the_whole_anndata(canonical):
     for column in ("highly_variable", "means", "dispersions_norm", "highly_variable_nbatches"):
         np.testing.assert_array_equal(a.var[column], theirs.var[column])
     assert a.uns["hvg"] == theirs.uns["hvg"]
+
+
+@pytest.mark.parametrize("target_sum", [1e4, None])
+def test_blockwise_normalize_total_is_scanpys(normalized, target_sum):
+    import anndata as ad
+    import scanpy as sc
+
+    from cellatlas.normalize import normalize_total
+
+    counts = normalized.layers[keys.COUNTS_LAYER]
+    ours, theirs = ad.AnnData(X=counts.copy()), ad.AnnData(X=counts.copy())
+    normalize_total(ours, target_sum=target_sum, block=7)  # blocks that do not divide the cells
+    sc.pp.normalize_total(theirs, target_sum=target_sum)
+    np.testing.assert_array_equal(ours.X.data, theirs.X.data)
+    np.testing.assert_array_equal(ours.X.indices, theirs.X.indices)

@@ -62,14 +62,17 @@ def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Res
 
 
 def normalize_stage(h5ad: str, dataset: str, p: Mapping[str, Any]) -> Result:
-    import anndata as ad
-
+    from cellatlas import h5ad_io
     from cellatlas.normalize import hvg_table, normalize
 
-    adata = ad.read_h5ad(h5ad)
+    data = h5ad_io.read(h5ad, without=())
+    adata = data.adata
+    counts = adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS
+    if counts:  # X becomes log values in memory; the counts layer is the input's X, copied from disk
+        data.layers_from = {keys.COUNTS_LAYER: "X"}
     summary = normalize(adata, dataset, target_sum=p["target_sum"], n_top_genes=p["n_top_genes"],
-                        batch_aware=p["batch_aware"])
-    return Result(metrics=summary, data={"h5ad": adata}, tables={"hvg": hvg_table(adata).reset_index()},
+                        batch_aware=p["batch_aware"], keep_counts=not counts)
+    return Result(metrics=summary, data={"h5ad": data}, tables={"hvg": hvg_table(adata).reset_index()},
                   figures={"figure": plot(plotting.hvg_dispersion, adata.var, title=f"{dataset}: highly variable genes")},
                   inputs=[DatasetInput(dataset, h5ad)])
 

@@ -13,8 +13,8 @@ second copy of the matrix in every stage after normalize; see benchmarks/RESULTS
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 #: the AnnData elements a stage may leave on disk
@@ -29,17 +29,22 @@ class Carried:
     adata: Any
     base: str
     carried: tuple[str, ...]
+    #: layers of the output copied from elements of ``base`` (normalize: ``{"counts": "X"}``, the
+    #: counts kept on disk while ``X`` becomes log-normalized in memory)
+    layers_from: dict[str, str] = field(default_factory=dict)
 
 
-def read(path: str, *, without: Sequence[str] = ("layers",), unchanged: Sequence[str] = ()) -> Carried:
+def read(path: str, *, without: Sequence[str] = ("layers",), unchanged: Sequence[str] = (),
+         layers_from: Mapping[str, str] | None = None) -> Carried:
     """The h5ad at ``path`` without the elements ``without``, to be written back by :func:`write`
     with them and the elements ``unchanged`` (read, but the stage promises not to change them: a
-    matrix read for a computation need not be written again) copied from ``path``."""
+    matrix read for a computation need not be written again) copied from ``path``, and the output
+    layers ``layers_from`` (layer name -> element of ``path``) copied from ``path`` too."""
     import anndata as ad
     import h5py
     from anndata.io import read_elem
 
-    unknown = (set(without) | set(unchanged)) - set(CARRIABLE)
+    unknown = (set(without) | set(unchanged) | set((layers_from or {}).values())) - set(CARRIABLE)
     if unknown:
         raise ValueError(f"only {CARRIABLE} can be left on disk, not {sorted(unknown)}")
     with h5py.File(path, "r") as f:
@@ -48,7 +53,7 @@ def read(path: str, *, without: Sequence[str] = ("layers",), unchanged: Sequence
     adata = ad.AnnData(**elems)
     if raw is not None:
         adata.raw = ad.AnnData(**raw) if isinstance(raw, dict) else raw
-    return Carried(adata, path, (*without, *unchanged))
+    return Carried(adata, path, (*without, *unchanged), dict(layers_from or {}))
 
 
 def write(item: Carried, path: str) -> None:
@@ -73,3 +78,7 @@ def write(item: Carried, path: str) -> None:
                 del dst[key]
             if key in src:
                 src.copy(src[key], dst, name=key)
+        for layer, key in item.layers_from.items():
+            if layer in dst["layers"]:
+                del dst["layers"][layer]
+            src.copy(src[key], dst["layers"], name=layer)

@@ -23,12 +23,14 @@ def normalize(
     target_sum: float | None = 1e4,
     n_top_genes: int = 2000,
     batch_aware: bool = True,
+    keep_counts: bool = True,
 ):
     """Normalize and select highly variable genes, in place.
 
     Returns
     -------
-    Summary dict. ``adata`` gains ``layers["counts"]`` (counts input only), log-normalized ``X``,
+    Summary dict. ``adata`` gains ``layers["counts"]`` (counts input only, and only with
+    ``keep_counts``: the stage copies them into its output from the input file), log-normalized ``X``,
     ``var["highly_variable"]`` (and ``highly_variable_nbatches`` when batch-aware) and
     ``uns["cellatlas"]["normalize"]`` with params and summary.
     """
@@ -37,8 +39,9 @@ def normalize(
 
     counts = adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS
     if counts:
-        adata.layers[keys.COUNTS_LAYER] = adata.X.copy()
-        sc.pp.normalize_total(adata, target_sum=target_sum)
+        if keep_counts:
+            adata.layers[keys.COUNTS_LAYER] = adata.X.copy()
+        normalize_total(adata, target_sum=target_sum)
         sc.pp.log1p(adata)
         method = f"total-count to {target_sum:g} + log1p" if target_sum else "total-count to median + log1p"
     else:
@@ -76,6 +79,31 @@ def normalize(
         "summary": summary,
     }
     return summary
+
+
+def normalize_total(adata, *, target_sum: float | None, block: int = 10_000) -> None:
+    """scanpy's ``normalize_total`` of a CSR ``X`` in place, ``block`` cells at a time: the same
+    numbers (each cell is scaled on its own once the target is known), without the temporary copy
+    of the whole matrix that scanpy's division makes (100,000 cells: 0.9 GiB at the peak)."""
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    X = adata.X
+    if not sp.issparse(X) or X.format != "csr" or X.dtype != np.float32:
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        return
+    if target_sum is None:  # scanpy's choice: the median of the cells' totals, summed in float64
+        totals = np.concatenate([np.asarray(X[i:i + block].sum(axis=1, dtype=np.float64)).ravel()
+                                 for i in range(0, X.shape[0], block)]).astype(np.float32)
+        target_sum = float(np.median(totals))
+    for i in range(0, X.shape[0], block):
+        lo, hi = X.indptr[i], X.indptr[min(i + block, X.shape[0])]
+        part = ad.AnnData(X=sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[i:i + block + 1] - lo),
+                                          shape=(min(block, X.shape[0] - i), X.shape[1])))
+        sc.pp.normalize_total(part, target_sum=target_sum)
+        X.data[lo:hi] = part.X.data
 
 
 def _any_gene_varies(X) -> bool:
