@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from cellatlas import keys
 from cellatlas.qc import mad_bounds, run_qc, thresholds
@@ -57,3 +58,25 @@ def test_small_doublet_groups_are_left_unscored(canonical):
     assert score_doublets(a, group=keys.DONOR) == 40
     assert a.obs["doublet_score"][:40].isna().all() and a.obs["doublet_score"][40:].notna().all()
     assert not a.obs["predicted_doublet"][:40].any()
+
+
+
+@pytest.mark.parametrize("consume", [True, False])
+def test_subset_equals_anndatas_subset(canonical, consume, monkeypatch):
+    from cellatlas import qc
+
+    monkeypatch.setattr(qc, "BLOCK", 37)  # many blocks, the last one short
+    rng = np.random.default_rng(0)
+    cells = rng.random(canonical.n_obs) < 0.7
+    detected = qc.detected_in(canonical.X, cells)
+    np.testing.assert_array_equal(detected, np.asarray((canonical.X[cells] > 0).sum(axis=0)).ravel())
+    genes = detected >= 3
+    assert 0 < genes.sum() < canonical.n_vars
+    expected = canonical[cells][:, genes].copy()
+    given = canonical.copy()
+    out = qc.subset(given, cells, genes, consume=consume)
+    assert (given.X is None) == consume
+    assert out.X.nnz == expected.X.nnz and (out.X != expected.X).nnz == 0
+    np.testing.assert_array_equal(out.X.indptr, expected.X.indptr)
+    pd.testing.assert_frame_equal(out.obs, expected.obs)
+    pd.testing.assert_frame_equal(out.var, expected.var)

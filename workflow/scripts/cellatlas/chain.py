@@ -42,6 +42,7 @@ def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Res
     res = run_qc(
         ad.read_h5ad(h5ad), dataset, mode=p["mode"], fixed=p["fixed"], nmads=p["nmads"], nmads_mt=p["nmads_mt"],
         min_cells=p["min_cells"], doublets=p["doublets"], remove_doublets=p["remove_doublets"], seed=seed,
+        consume=True,
     )
     cells = res.cells.copy()
     cells.index.name = "cell"
