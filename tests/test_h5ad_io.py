@@ -75,3 +75,14 @@ def test_an_input_element_becomes_a_layer_of_the_output(stored, tmp_path):
     back = ad.read_h5ad(out)
     assert (back.layers["raw_x"] != a.X).nnz == 0 and (back.X != a.X * 2).nnz == 0
     assert set(back.layers) == {"raw_x", keys.COUNTS_LAYER}
+
+
+def test_raw_is_written_back_and_layers_from_needs_no_layers_group(tmp_path):
+    a = ad.AnnData(X=sp.random(20, 5, density=0.5, format="csr", random_state=0, dtype=np.float32))
+    a.raw = a.copy()
+    path = tmp_path / "in.h5ad"
+    a.write_h5ad(path)
+    out = tmp_path / "out.h5ad"
+    h5ad_io.write(h5ad_io.read(str(path), without=(), layers_from={"copy": "X"}), str(out))
+    back = ad.read_h5ad(out)
+    assert (back.raw.X != a.X).nnz == 0 and (back.layers["copy"] != a.X).nnz == 0

@@ -80,3 +80,14 @@ def test_subset_equals_anndatas_subset(canonical, consume, monkeypatch):
     np.testing.assert_array_equal(out.X.indptr, expected.X.indptr)
     pd.testing.assert_frame_equal(out.obs, expected.obs)
     pd.testing.assert_frame_equal(out.var, expected.var)
+
+
+def test_subset_drops_the_categories_it_empties(canonical):
+    from cellatlas import qc
+
+    batches = canonical.obs[keys.BATCH].cat.categories
+    cells = (canonical.obs[keys.BATCH] != batches[0]).to_numpy()
+    expected = canonical[cells].copy()
+    out = qc.subset(canonical.copy(), cells, np.ones(canonical.n_vars, dtype=bool), consume=True)
+    assert list(out.obs[keys.BATCH].cat.categories) == list(batches[1:])
+    pd.testing.assert_frame_equal(out.obs, expected.obs)

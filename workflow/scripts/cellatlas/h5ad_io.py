@@ -60,6 +60,7 @@ def write(item: Carried, path: str) -> None:
     """Write ``item.adata`` to ``path`` with the carried elements copied from ``item.base``."""
     import anndata as ad
     import h5py
+    from anndata.io import write_elem
 
     adata = item.adata
     # an AnnData of what the stage holds: no X or layers it was not given (anndata writes no X
@@ -70,7 +71,7 @@ def write(item: Carried, path: str) -> None:
         obsp=adata.obsp, varp=adata.varp, layers=None if "layers" in item.carried else adata.layers,
     )
     if "raw" not in item.carried and adata.raw is not None:
-        shell.raw = adata.raw
+        shell.raw = adata.raw.to_adata()
     shell.write_h5ad(path)
     with h5py.File(item.base, "r") as src, h5py.File(path, "r+") as dst:
         for key in item.carried:
@@ -78,6 +79,8 @@ def write(item: Carried, path: str) -> None:
                 del dst[key]
             if key in src:
                 src.copy(src[key], dst, name=key)
+        if item.layers_from and "layers" not in dst:
+            write_elem(dst, "layers", {})
         for layer, key in item.layers_from.items():
             if layer in dst["layers"]:
                 del dst["layers"][layer]

@@ -146,7 +146,9 @@ def subset(adata, cells: np.ndarray, genes: np.ndarray, *, consume: bool = False
     import scipy.sparse as sp
 
     X = adata.X
-    plain = not (adata.layers or adata.obsm or adata.obsp or adata.varm or adata.varp or adata.raw is not None)
+    # colours in uns follow categories, which anndata's subset trims: such data take anndata's path
+    plain = not (adata.layers or adata.obsm or adata.obsp or adata.varm or adata.varp or adata.raw is not None
+                 or any(key.endswith("_colors") for key in adata.uns))
     if not (consume and plain and sp.issparse(X) and X.format == "csr"):
         out = adata[cells][:, genes].copy()
         # an AnnData sits in reference cycles: the superseded matrix is freed now, not when the
@@ -176,9 +178,20 @@ def subset(adata, cells: np.ndarray, genes: np.ndarray, *, consume: bool = False
     except ValueError:  # arrays that do not own their memory: views, the tail stays until X is freed
         data, indices = data[:w], indices[:w]
     matrix = sp.csr_matrix((data, indices, indptr), shape=(int(cells.sum()), int(genes.sum())))
-    out = ad.AnnData(X=matrix, obs=adata.obs[cells].copy(), var=adata.var[genes].copy(), uns=adata.uns)
+    out = ad.AnnData(X=matrix, obs=_used_categories(adata.obs[cells]), var=_used_categories(adata.var[genes]),
+                     uns=adata.uns)
     adata.X = None
     return out
+
+
+def _used_categories(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each categorical column's unused categories dropped, as anndata's subset does
+    (a batch QC emptied is no batch to normalize or integrate)."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if isinstance(frame[column].dtype, pd.CategoricalDtype):
+            frame[column] = frame[column].cat.remove_unused_categories()
+    return frame
 
 
 @dataclass

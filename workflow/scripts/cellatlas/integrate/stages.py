@@ -205,7 +205,9 @@ def compare_stage(*, h5ad: str, dataset: str, embeddings: Mapping[str, str], sco
         near = shortest_path_neighbors(result.obsp["distances"], k)
         adata.obsp["distances"] = sp.csr_matrix(result.obsp["distances"])
         adata.obsp["connectivities"] = fuzzy_graph(near.indices, near.distances, n_obs=adata.n_obs, n_neighbors=k)
-        adata.uns["neighbors"] = {"params": {"n_neighbors": k, "method": chosen, "random_state": seed},
+        adata.uns["neighbors"] = {"params": {"n_neighbors": k, "method": chosen, "random_state": seed,
+                                             # UMAP's spectral start reads this, never X (not read here)
+                                             "use_rep": "X_pca"},
                                   "distances_key": "distances", "connectivities_key": "connectivities"}
         sc.tl.umap(adata, min_dist=embed["umap_min_dist"], random_state=seed)
         adata.obsm["X_tsne"] = _tsne_of_graph(adata, seed)
