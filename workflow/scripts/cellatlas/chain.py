@@ -68,11 +68,11 @@ def normalize_stage(h5ad: str, dataset: str, p: Mapping[str, Any]) -> Result:
 
     data = h5ad_io.read(h5ad, without=())
     adata = data.adata
-    counts = adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS
-    if counts:  # X becomes log values in memory; the counts layer is the input's X, copied from disk
+    if adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS:
+        # X becomes log values in memory; the counts layer is the input's X, copied from disk
         data.layers_from = {keys.COUNTS_LAYER: "X"}
     summary = normalize(adata, dataset, target_sum=p["target_sum"], n_top_genes=p["n_top_genes"],
-                        batch_aware=p["batch_aware"], keep_counts=not counts)
+                        batch_aware=p["batch_aware"], keep_counts=False)
     return Result(metrics=summary, data={"h5ad": data}, tables={"hvg": hvg_table(adata).reset_index()},
                   figures={"figure": plot(plotting.hvg_dispersion, adata.var, title=f"{dataset}: highly variable genes")},
                   inputs=[DatasetInput(dataset, h5ad)])

@@ -194,10 +194,8 @@ def cluster_stage(*, latent: str, clustered: str, dataset: str, embed: Mapping[s
     (``clustered``: the cluster stage's output), and the two compared against the labels."""
     import anndata as ad
 
-    from cellatlas import plotting
+    from cellatlas import h5ad_io, plotting
     from cellatlas.cluster import agreement_summary
-
-    from cellatlas import h5ad_io
 
     adata = h5ad_io.read(clustered, without=("X", "layers")).adata  # the VAE's clusters need no gene matrix
     codes = ad.read_h5ad(latent)
