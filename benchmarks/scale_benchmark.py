@@ -88,8 +88,11 @@ def run_size(n_cells: int, keep: bool) -> dict:
     backed.file.close()
     workdir = folder / "pipeline"
     shutil.rmtree(workdir, ignore_errors=True)
-    make_workdir(workdir, chain_config({"source": {"kind": "h5ad", "path": str(h5ad)}, "label_key": "cell_type",
-                                        "batch_key": "batch", "donor_key": "donor"}, "scale"))
+    config = chain_config({"source": {"kind": "h5ad", "path": str(h5ad)}, "label_key": "cell_type",
+                           "batch_key": "batch", "donor_key": "donor"}, "scale")
+    # each stage file is a whole copy of the matrix (two for normalize and embed): a million cells'
+    # would not fit this machine's disk together, so each goes once the next stage has read it
+    make_workdir(workdir, {**config, "keep_intermediate": keep})
     t = time.perf_counter()
     r = snakemake(workdir, "--cores", "2", "--", "results/scale/cluster/run.json", timeout=6 * 3600)
     wall = time.perf_counter() - t
@@ -102,7 +105,7 @@ def run_size(n_cells: int, keep: bool) -> dict:
         result["failed_stage"] = failed[0] if failed else None
         result["failure"] = ((log.read_text()[-1500:] if log and log.exists() else "") + "\n" + r.stderr[-1500:])
     (folder / "snakemake.log").write_text(r.stdout + r.stderr)
-    if not keep:  # the stages' h5ad files are several copies of the matrix; logs and tables stay
+    if not keep:  # cluster.h5ad too; logs and tables stay
         for h5ad in (workdir / "results").rglob("*.h5ad"):
             h5ad.unlink()
         shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
@@ -140,7 +143,7 @@ def report(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sizes", nargs="*", type=int)
-    parser.add_argument("--keep", action="store_true", help="keep each size's h5ad files (several copies of the matrix)")
+    parser.add_argument("--keep", action="store_true", help="keep each size's stage files (several copies of the matrix)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)

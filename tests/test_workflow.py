@@ -372,6 +372,28 @@ def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):
     assert all(r.info.status != "RUNNING" for r in runs.values())
 
 
+def test_intermediate_stage_files_can_be_temporary(tmp_path):
+    cfg = {
+        "datasets": {"s": {"source": {"kind": "simulate", "n_cells": 400, "n_genes": 300, "n_types": 3, "seed": 0},
+                           "label_key": "cell_type"}},
+        "qc": {"doublets": False},
+        "classify": {"tasks": {}},
+        "train": {"embedding": {"datasets": []}},
+        "keep_intermediate": False,
+    }
+    w = make_workdir(tmp_path / "w", cfg)
+    target = "results/s/cluster/run.json"
+    r = snakemake(w, "--cores", "2", "--", target)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = w / "results" / "s"
+    assert [s for s in STAGES[:-1] if (results / f"{s}.h5ad").exists()] == []
+    clustered = ad.read_h5ad(results / "cluster.h5ad")
+    assert {"X_pca", "X_umap"} <= set(clustered.obsm) and "counts" in clustered.layers
+    # the deleted files are not missing inputs: nothing reruns
+    r = snakemake(w, "--cores", "2", "--dry-run", "--", target)
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout[-2000:]
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     cfg = json.loads(json.dumps(CONFIG))
     cfg["qc"] = {"mode": "strict"}

@@ -28,6 +28,11 @@ def validate_config(config, schema):
         raise WorkflowError(str(e)) from None
 
 
+def stage_h5ad(path):
+    """A chain stage's AnnData that later stages read: kept, or a temp file (keep_intermediate)."""
+    return path if config["keep_intermediate"] else temp(path)
+
+
 def get_dataset(wildcards):
     return config["datasets"][wildcards.dataset]
 

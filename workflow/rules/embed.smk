@@ -2,7 +2,7 @@ rule embed:
     input:
         "results/{dataset}/normalize.h5ad",
     output:
-        h5ad="results/{dataset}/embed.h5ad",
+        h5ad=stage_h5ad("results/{dataset}/embed.h5ad"),
         pca=report(
             "results/{dataset}/embed/pca_variance.png", category="Embeddings", subcategory="{dataset}",
             caption="../report/pca_variance.rst",

@@ -15,7 +15,7 @@ rule ingest:
     input:
         unpack(get_ingest_input),
     output:
-        h5ad="results/{dataset}/ingest.h5ad",
+        h5ad=stage_h5ad("results/{dataset}/ingest.h5ad"),
         run="results/{dataset}/ingest/run.json",
     params:
         dataset=get_dataset,

@@ -2,7 +2,7 @@ rule normalize:
     input:
         "results/{dataset}/qc.h5ad",
     output:
-        h5ad="results/{dataset}/normalize.h5ad",
+        h5ad=stage_h5ad("results/{dataset}/normalize.h5ad"),
         hvg="results/{dataset}/normalize/hvg.tsv",
         figure=report(
             "results/{dataset}/normalize/hvg.png", category="Normalization", subcategory="{dataset}",

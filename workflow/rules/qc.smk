@@ -2,7 +2,7 @@ rule qc:
     input:
         "results/{dataset}/ingest.h5ad",
     output:
-        h5ad="results/{dataset}/qc.h5ad",
+        h5ad=stage_h5ad("results/{dataset}/qc.h5ad"),
         thresholds="results/{dataset}/qc/thresholds.tsv",
         cells="results/{dataset}/qc/cells.tsv.gz",
         histograms=report(
