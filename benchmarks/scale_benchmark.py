@@ -52,8 +52,9 @@ def simulation(n_cells: int) -> dict:
             "n_batches": 4, "library_size": 1500.0, "doublet_rate": 0.03, "seed": 0}
 
 
-def prepare(n_cells: int, folder: Path) -> tuple[Path, float]:
-    """The input h5ad (made once, in its own process so its memory is not the pipeline's)."""
+def prepare(params: dict, folder: Path) -> tuple[Path, float]:
+    """The input h5ad of simulation ``params`` (made once, in its own process so its memory is
+    not the pipeline's)."""
     path = folder / "input.h5ad"
     if path.exists():
         return path, 0.0
@@ -61,7 +62,7 @@ def prepare(n_cells: int, folder: Path) -> tuple[Path, float]:
             "write_simulated(sys.argv[1] + '.part', **json.loads(sys.argv[2]))")
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "workflow" / "scripts")}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(simulation(n_cells))], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(path), json.dumps(params)], check=True, env=env)
     os.replace(f"{path}.part", path)
     return path, time.perf_counter() - t
 
@@ -80,7 +81,7 @@ def stage_figures(workdir: Path, dataset: str) -> dict:
 def run_size(n_cells: int, keep: bool) -> dict:
     folder = OUT / str(n_cells)
     folder.mkdir(parents=True, exist_ok=True)
-    h5ad, simulate_seconds = prepare(n_cells, folder)
+    h5ad, simulate_seconds = prepare(simulation(n_cells), folder)
     import anndata as ad
 
     backed = ad.read_h5ad(h5ad, backed="r")

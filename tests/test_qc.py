@@ -91,3 +91,23 @@ def test_subset_drops_the_categories_it_empties(canonical):
     out = qc.subset(canonical.copy(), cells, np.ones(canonical.n_vars, dtype=bool), consume=True)
     assert list(out.obs[keys.BATCH].cat.categories) == list(batches[1:])
     pd.testing.assert_frame_equal(out.obs, expected.obs)
+
+
+def test_metrics_block_by_block_are_scanpys(canonical):
+    import scanpy as sc
+
+    from cellatlas import qc
+
+    expected = canonical.copy()
+    expected.var["mt"] = expected.var_names.str.startswith(qc.MITO_PREFIXES)
+    expected.var["ribo"] = expected.var_names.str.startswith(qc.RIBO_PREFIXES)
+    sc.pp.calculate_qc_metrics(expected, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=True)
+    given = canonical.copy()
+    qc.compute_metrics(given, block=37)  # many blocks, the last one short
+    assert expected.var["mt"].any() and given.n_obs % 37
+    pd.testing.assert_frame_equal(given.obs, expected.obs)  # the cells' metrics: the same numbers
+    for column in ("mt", "ribo", "n_cells_by_counts", "pct_dropout_by_counts"):
+        pd.testing.assert_series_equal(given.var[column], expected.var[column], check_dtype=False)
+    for column in ("mean_counts", "total_counts"):  # float32 running sums against float64 ones
+        np.testing.assert_allclose(given.var[column], expected.var[column], rtol=1e-6)
+        assert given.var[column].dtype == expected.var[column].dtype

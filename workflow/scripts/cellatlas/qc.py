@@ -24,13 +24,47 @@ MITO_PREFIXES = ("MT-", "mt-")
 RIBO_PREFIXES = ("RPS", "RPL", "Rps", "Rpl")
 
 
-def compute_metrics(adata) -> None:
-    """Add per-cell ``total_counts``, ``n_genes_by_counts``, ``pct_counts_mt``, ``pct_counts_ribo``."""
-    import scanpy as sc
+def compute_metrics(adata, block: int | None = None) -> None:
+    """Add scanpy's QC metrics: per cell ``total_counts``, ``n_genes_by_counts``, ``pct_counts_mt``,
+    ``pct_counts_ribo`` (and the totals), per gene ``n_cells_by_counts``, ``mean_counts``,
+    ``pct_dropout_by_counts``, ``total_counts``.
 
+    A CSR matrix of more than ``block`` cells (default :data:`BLOCK`) is described block by block
+    of cells: scanpy counts each gene's cells with scipy's ``getnnz(axis=0)``, which copies the
+    whole indices array as int64 (a million cells: 9.6 GB on top of the matrix). The cells'
+    metrics are scanpy's on each block, the same numbers; the genes' are summed over the blocks
+    (counts exact; totals summed in float64, where scanpy keeps a float32 running sum: last bits differ).
+    """
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    block = block or BLOCK
     adata.var["mt"] = adata.var_names.str.startswith(MITO_PREFIXES)
     adata.var["ribo"] = adata.var_names.str.startswith(RIBO_PREFIXES)
-    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=True)
+    X = adata.X
+    if not (sp.issparse(X) and X.format == "csr") or X.shape[0] <= block:
+        sc.pp.calculate_qc_metrics(adata, qc_vars=["mt", "ribo"], percent_top=None, log1p=False, inplace=True)
+        return
+    import anndata as ad
+
+    flags = adata.var[["mt", "ribo"]]
+    obs, n_cells, totals = [], np.zeros(X.shape[1], dtype=np.int64), np.zeros(X.shape[1], dtype=np.float64)
+    for r0 in range(0, X.shape[0], block):
+        part = X[r0:r0 + block]
+        nonzero = part.data != 0
+        n_cells += np.bincount(part.indices[nonzero], minlength=X.shape[1])
+        totals += np.bincount(part.indices, weights=part.data, minlength=X.shape[1])
+        metrics, _ = sc.pp.calculate_qc_metrics(ad.AnnData(part, var=flags), qc_vars=["mt", "ribo"], percent_top=None,
+                                                log1p=False, inplace=False)
+        obs.append(metrics)
+    obs = pd.concat(obs)
+    obs.index = adata.obs_names
+    adata.obs[obs.columns] = obs
+    n = X.shape[0]
+    adata.var["n_cells_by_counts"] = n_cells
+    adata.var["mean_counts"] = totals / n
+    adata.var["pct_dropout_by_counts"] = (1 - n_cells / n) * 100
+    adata.var["total_counts"] = totals.astype(X.dtype)
 
 
 def mad_bounds(x: np.ndarray, nmads: float, *, lower: bool = True, upper: bool = True) -> tuple[float, float]:
