@@ -10,10 +10,11 @@ donors nested in batches. The query is the last batch (new donors, sequenced apa
 maps onto a published atlas); the reference is every other batch without one cell type, so each
 method's share of that type left unassigned is measured beside its accuracy on the others.
 
-The real workflow with `--cores 2`: both datasets through ingest -> qc -> normalize -> embed ->
-cluster, the reference's classify task (one model, grouped 5-fold CV) and VAE (`--epochs`), the
-reference map, the three mapping jobs and their comparison; stage files are deleted once read
-(`keep_intermediate: false`). Per job, Snakemake's `benchmark:` seconds and peak RSS; per method,
+The real workflow with `--cores 2`: the reference through ingest -> qc -> normalize -> embed ->
+cluster, its classify task (one model, grouped 5-fold CV) and VAE (`--epochs`), the reference
+map; the query through normalize (what mapping reads), the three mapping jobs and their
+comparison; stage files are deleted once read (`keep_intermediate: false`) unless `--keep`.
+The query's ingest reads the whole simulated source (reference cells too) before its subset. Per job, Snakemake's `benchmark:` seconds and peak RSS; per method,
 the comparison's scores. Writes benchmarks/out/mapping_<reference>_<query>/result.json.
 """
 
@@ -46,12 +47,14 @@ def simulation(reference: int, query: int) -> dict:
     n_cells = reference + query
     if reference % query:
         sys.exit("--reference must be a multiple of --query (the query is one batch of equal-sized batches)")
-    return {"n_cells": n_cells, "n_genes": N_GENES, "n_types": 12, "n_batches": n_cells // query,
-            "n_donors": max(4 * (n_cells // query), n_cells // CELLS_PER_DONOR), "library_size": 1500.0,
+    n_batches = n_cells // query
+    return {"n_cells": n_cells, "n_genes": N_GENES, "n_types": 12, "n_batches": n_batches,
+            # a multiple of the batches (donor d is in batch d % n_batches): batches of equal size
+            "n_donors": n_batches * max(4, -(-query // CELLS_PER_DONOR)), "library_size": 1500.0,
             "doublet_rate": 0.03, "seed": 0}
 
 
-def config(h5ad: Path, query_batch: str, model: str, epochs: int) -> dict:
+def config(h5ad: Path, query_batch: str, model: str, epochs: int, keep: bool) -> dict:
     source = {"kind": "h5ad", "path": str(h5ad)}
     keys = {"label_key": "cell_type", "batch_key": "batch", "donor_key": "donor"}
     return {
@@ -63,7 +66,7 @@ def config(h5ad: Path, query_batch: str, model: str, epochs: int) -> dict:
         "train": {"embedding": {"datasets": ["ref"], "max_epochs": epochs}},
         "integration": {"datasets": []},
         "atlas": {"atlases": {"a": {"reference": "ref", "queries": ["query"], "methods": list(METHODS)}}},
-        "keep_intermediate": False,
+        "keep_intermediate": keep,
     }
 
 
@@ -84,7 +87,7 @@ def main() -> None:
     parser.add_argument("--query", type=int, default=100_000)
     parser.add_argument("--model", default="logistic_regression", help="the reference's classify model")
     parser.add_argument("--epochs", type=int, default=20, help="the reference VAE's max_epochs")
-    parser.add_argument("--keep", action="store_true", help="keep the workflow's results (h5ad files included)")
+    parser.add_argument("--keep", action="store_true", help="keep every stage file (several copies of the matrix)")
     args = parser.parse_args()
     sim = simulation(args.reference, args.query)
     out = HERE / "out" / f"mapping_{args.reference}_{args.query}"
@@ -92,7 +95,7 @@ def main() -> None:
     h5ad, simulate_seconds = prepare(sim, out)
     workdir = out / "workflow"
     shutil.rmtree(workdir, ignore_errors=True)
-    make_workdir(workdir, config(h5ad, f"batch_{sim['n_batches'] - 1}", args.model, args.epochs))
+    make_workdir(workdir, config(h5ad, f"batch_{sim['n_batches'] - 1}", args.model, args.epochs, args.keep))
     target = "results/atlas/a/query/comparison.tsv"
     t = time.perf_counter()
     r = snakemake(workdir, "--cores", "2", "--", target, timeout=8 * 3600)

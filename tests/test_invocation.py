@@ -106,15 +106,16 @@ def test_the_parent_records_changes_headlines_and_reuse(tmp_path, env):
     with tracking.stage_run("qc", "d", params={}, record=record):
         pass
     invocation.end_parent("FINISHED", results=results, records=[record])
-    second = invocation.start_parent(uri=uri, experiment="t", config={"k": {"n": 2}, "seed": 0, "run_name": "two"},
+    second = invocation.start_parent(uri=uri, experiment="t", config={"k": {"n": 2}, "seed": 0, "run_name": "two",
+                                                                             "keep_intermediate": False},
                                      workdir=tmp_path)
     invocation.end_parent("FINISHED", results=results, records=[record])
     client = MlflowClient(uri)
     one, two = client.get_run(first), client.get_run(second)
     assert one.info.run_name.startswith("pipeline-") and two.info.run_name == "two"
     assert two.data.tags["cellatlas.changes"] == "k.n: 1 -> 2" and first in two.data.tags["cellatlas.previous_run"]
-    # run_name names the invocation; it is not part of the config it computes
-    assert "run_name" not in two.data.params
+    # run_name names the invocation, keep_intermediate only deletes files: neither is what it computes
+    assert "run_name" not in two.data.params and "keep_intermediate" not in two.data.params
     assert two.data.metrics == {"d/best_ari": 0.81234, "d/cells_kept": 90.0, "d/t/best_macro_f1": 0.9,
                                 "d/t/margin": pytest.approx(0.2), "d/t/a/macro_f1": 0.9, "d/t/b/macro_f1": 0.7}
     assert two.data.tags["cellatlas.best.d.t"] == "a"

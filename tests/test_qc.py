@@ -107,7 +107,7 @@ def test_metrics_block_by_block_are_scanpys(canonical):
     assert expected.var["mt"].any() and given.n_obs % 37
     pd.testing.assert_frame_equal(given.obs, expected.obs)  # the cells' metrics: the same numbers
     for column in ("mt", "ribo", "n_cells_by_counts", "pct_dropout_by_counts"):
-        pd.testing.assert_series_equal(given.var[column], expected.var[column], check_dtype=False)
+        pd.testing.assert_series_equal(given.var[column], expected.var[column])
     for column in ("mean_counts", "total_counts"):  # float32 running sums against float64 ones
         np.testing.assert_allclose(given.var[column], expected.var[column], rtol=1e-6)
         assert given.var[column].dtype == expected.var[column].dtype

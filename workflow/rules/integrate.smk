@@ -65,7 +65,7 @@ rule integrate_compare:
         unpack(get_integration_method_files),
         h5ad="results/{dataset}/embed.h5ad",
     output:
-        h5ad="results/{dataset}/integrate.h5ad",
+        h5ad=stage_h5ad("results/{dataset}/integrate.h5ad"),
         table="results/{dataset}/integrate/scores.tsv",
         choice="results/{dataset}/integrate/choice.json",
         figure=report(

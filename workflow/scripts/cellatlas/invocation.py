@@ -32,7 +32,7 @@ from cellatlas.tracking import (
 log = logging.getLogger(__name__)
 
 #: config keys that name or place an invocation, not what it computes (kept out of the hash and the diff)
-NOT_SCIENCE = ("run_name", "tracking")
+NOT_SCIENCE = ("run_name", "tracking", "keep_intermediate")
 UNSET = "(unset)"
 #: the parent's tag listing the changed params
 TAG_CHANGES = "cellatlas.changes"

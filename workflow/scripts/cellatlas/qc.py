@@ -38,7 +38,9 @@ def compute_metrics(adata, block: int | None = None) -> None:
     import scanpy as sc
     import scipy.sparse as sp
 
-    block = block or BLOCK
+    block = BLOCK if block is None else block
+    if block < 1:
+        raise ValueError(f"block must be a positive number of cells, not {block}")
     adata.var["mt"] = adata.var_names.str.startswith(MITO_PREFIXES)
     adata.var["ribo"] = adata.var_names.str.startswith(RIBO_PREFIXES)
     X = adata.X
@@ -64,7 +66,8 @@ def compute_metrics(adata, block: int | None = None) -> None:
     adata.var["n_cells_by_counts"] = n_cells
     adata.var["mean_counts"] = totals / n
     adata.var["pct_dropout_by_counts"] = (1 - n_cells / n) * 100
-    adata.var["total_counts"] = totals.astype(X.dtype)
+    # scanpy's sum keeps a float matrix's dtype and widens integers
+    adata.var["total_counts"] = totals.astype(X.dtype if X.dtype.kind == "f" else np.int64)
 
 
 def mad_bounds(x: np.ndarray, nmads: float, *, lower: bool = True, upper: bool = True) -> tuple[float, float]:
