@@ -180,3 +180,21 @@ def test_blockwise_normalize_total_is_scanpys(normalized, target_sum):
     sc.pp.normalize_total(theirs, target_sum=target_sum)
     np.testing.assert_array_equal(ours.X.data, theirs.X.data)
     np.testing.assert_array_equal(ours.X.indices, theirs.X.indices)
+
+
+@pytest.mark.parametrize(("values", "varies"), [
+    ([[1, 0], [1, 0], [1, 0]], False),   # every gene stored in every cell or in none, the same values
+    ([[1, 0], [2, 0], [1, 0]], True),    # a value differs: found by the column min/max
+    ([[1, 0], [0, 0], [1, 0]], True),    # stored in some cells only: zeros and nonzeros
+    ([[1, 0], [1, 0], [1, 0], [1, 5]], True),
+])
+def test_a_varying_gene_is_found_in_slices(values, varies, monkeypatch):
+    from cellatlas import normalize as module
+
+    monkeypatch.setattr(module, "CHUNK", 2)  # slices shorter than the matrix's nonzeros
+    X = sp.csr_matrix(np.asarray(values, dtype=np.float32))
+    assert module._any_gene_varies(X) is varies
+    # a stored zero is not a nonzero: the gene holds only zeros
+    stored_zero = sp.csr_matrix((np.array([1, 1, 1, 0], np.float32), np.array([0, 0, 0, 1]), np.array([0, 1, 2, 4])),
+                                shape=(3, 2))
+    assert module._any_gene_varies(stored_zero) is False

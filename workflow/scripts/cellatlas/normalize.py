@@ -106,6 +106,10 @@ def normalize_total(adata, *, target_sum: float | None, block: int = 10_000) -> 
         X.data[lo:hi] = part.X.data
 
 
+#: nonzeros per slice where a whole-matrix temporary would be a copy of the matrix
+CHUNK = 50_000_000
+
+
 def _any_gene_varies(X) -> bool:
     import numpy as np
     import scipy.sparse as sp
@@ -116,10 +120,17 @@ def _any_gene_varies(X) -> bool:
         # a gene with zeros and nonzeros varies: the answer almost always, without the CSC copy
         # of the whole matrix that scipy's column min/max makes
         X = sp.csr_matrix(X)  # no copy of a CSR matrix
-        stored = np.bincount(X.indices, minlength=X.shape[1])
+        # in slices: np.bincount casts int32 indices to int64, a copy of the whole array at once
+        # (9.6 GB at a million cells: normalize's peak there)
+        slices = [slice(lo, lo + CHUNK) for lo in range(0, X.nnz, CHUNK)]
+        stored = np.zeros(X.shape[1], dtype=np.int64)
+        for s in slices:
+            stored += np.bincount(X.indices[s], minlength=X.shape[1])
         partly = np.flatnonzero((stored > 0) & (stored < X.shape[0]))
-        if partly.size and np.any(X.data[X.indices == partly[np.argmax(stored[partly])]] != 0):
-            return True
+        if partly.size:
+            gene = partly[np.argmax(stored[partly])]
+            if any(np.any(X.data[s][X.indices[s] == gene] != 0) for s in slices):
+                return True
     lo, hi = X.min(axis=0), X.max(axis=0)
     if sp.issparse(lo):
         lo, hi = lo.toarray(), hi.toarray()
