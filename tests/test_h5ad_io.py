@@ -86,3 +86,20 @@ def test_raw_is_written_back_and_layers_from_needs_no_layers_group(tmp_path):
     h5ad_io.write(h5ad_io.read(str(path), without=(), layers_from={"copy": "X"}), str(out))
     back = ad.read_h5ad(out)
     assert (back.raw.X != a.X).nnz == 0 and (back.layers["copy"] != a.X).nnz == 0
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_columns_of_x_are_read_block_by_block(stored, tmp_path, dense):
+    path, a = stored
+    if dense:  # a dense X is read whole, then its columns taken
+        a = a.copy()
+        a.X = a.X.toarray()
+        path = tmp_path / "dense.h5ad"
+        a.write_h5ad(path)
+    columns = np.random.default_rng(1).random(a.n_vars) < 0.4
+    got = h5ad_io.read_columns(str(path), "X", columns, block=7)  # several blocks, the last one short
+    expected = sp.csr_matrix(a.X)[:, columns]
+    assert sp.issparse(got) and got.format == "csr" and got.shape == (a.n_obs, columns.sum())
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_array_equal(got.data, expected.data)

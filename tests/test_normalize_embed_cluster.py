@@ -198,3 +198,19 @@ def test_a_varying_gene_is_found_in_slices(values, varies, monkeypatch):
     stored_zero = sp.csr_matrix((np.array([1, 1, 1, 0], np.float32), np.array([0, 0, 0, 1]), np.array([0, 1, 2, 4])),
                                 shape=(3, 2))
     assert module._any_gene_varies(stored_zero) is False
+
+
+def test_the_embed_stage_reads_only_the_hvg_columns_and_makes_the_same_maps(normalized, tmp_path):
+    from cellatlas.chain import embed_stage
+
+    path = tmp_path / "normalize.h5ad"
+    normalized.write_h5ad(path)
+    p = {"n_pcs": 20, "scale": True, "n_neighbors": 10, "umap_min_dist": 0.5, "tsne_perplexity": 30.0}
+    staged = embed_stage(str(path), "sim", p, seed=1, threads=1).data["h5ad"]
+    assert staged.adata.X is None and "X" in staged.carried  # X is copied into the output, not held
+    expected = normalized.copy()
+    embed(expected, n_pcs=20, n_neighbors=10, seed=1)
+    for key in ("X_pca", "X_umap", "X_tsne"):
+        np.testing.assert_array_equal(staged.adata.obsm[key], expected.obsm[key])
+    assert (staged.adata.obsp["distances"] != expected.obsp["distances"]).nnz == 0
+    np.testing.assert_array_equal(staged.adata.varm["PCs"], expected.varm["PCs"])

@@ -82,8 +82,9 @@ def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, thr
     from cellatlas import h5ad_io
     from cellatlas.embed import embed
 
-    # the maps need the HVG columns of X only: the counts stay on disk, X is not written again
-    data = h5ad_io.read(h5ad, without=("layers",), unchanged=("X",))
+    # the maps need the HVG columns of X only, read block by block: the rest of X and the counts
+    # stay on disk, and X is copied into the output, not written again
+    data = h5ad_io.read(h5ad, without=("layers", "X"))
     adata = data.adata
     if adata.n_obs <= max(p["n_neighbors"], MIN_EMBED_CELLS):
         raise InputDataError(dataset, f"{adata.n_obs} cells are left to embed; the maps need more than "
@@ -92,6 +93,7 @@ def embed_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int, thr
     summary = embed(
         adata, n_pcs=p["n_pcs"], scale=p["scale"], n_neighbors=p["n_neighbors"], umap_min_dist=p["umap_min_dist"],
         tsne_perplexity=p["tsne_perplexity"], seed=seed, n_jobs=threads,
+        matrix=h5ad_io.read_columns(h5ad, "X", adata.var["highly_variable"].to_numpy(dtype=bool)),
     )
     colors = plotting.annotation_colors(adata.obs)
     return Result(metrics=summary, data={"h5ad": data}, inputs=[DatasetInput(dataset, h5ad)], figures={

@@ -29,8 +29,8 @@ def gene_mean_sd(X) -> tuple[np.ndarray, np.ndarray]:
     return mean, sd
 
 
-def pca(adata, *, n_pcs: int = 40, scale: bool = True, seed: int = 0) -> dict:
-    """PCA of the HVG submatrix.
+def pca(adata, *, n_pcs: int = 40, scale: bool = True, seed: int = 0, matrix=None) -> dict:
+    """PCA of the HVG submatrix (``matrix``, when the caller read those columns of X apart).
 
     Returns
     -------
@@ -40,7 +40,7 @@ def pca(adata, *, n_pcs: int = 40, scale: bool = True, seed: int = 0) -> dict:
     import scanpy as sc
 
     hvg = adata.var["highly_variable"].to_numpy(dtype=bool)
-    X = adata.X[:, hvg]
+    X = adata.X[:, hvg] if matrix is None else matrix
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
     X = X.astype(np.float64)
     if scale:
@@ -122,9 +122,11 @@ def embed(
     tsne_perplexity: float = 30.0,
     seed: int = 0,
     n_jobs: int = 1,
+    matrix=None,
 ) -> dict:
-    """PCA, kNN graph, UMAP and t-SNE in one call; records params in ``uns["cellatlas"]["embed"]``."""
-    summary = pca(adata, n_pcs=n_pcs, scale=scale, seed=seed)
+    """PCA, kNN graph, UMAP and t-SNE in one call; records params in ``uns["cellatlas"]["embed"]``.
+    ``matrix``: the HVG columns of X, read apart by the caller (``adata.X`` is then not used)."""
+    summary = pca(adata, n_pcs=n_pcs, scale=scale, seed=seed, matrix=matrix)
     neighbors(adata, n_neighbors=n_neighbors, seed=seed)
     umap(adata, min_dist=umap_min_dist, seed=seed)
     tsne(adata, perplexity=tsne_perplexity, seed=seed, n_jobs=n_jobs)

@@ -56,6 +56,25 @@ def read(path: str, *, without: Sequence[str] = ("layers",), unchanged: Sequence
     return Carried(adata, path, (*without, *unchanged), dict(layers_from or {}))
 
 
+def read_columns(path: str, key: str, columns, *, block: int = 10_000):
+    """The matrix ``key`` of the h5ad at ``path`` restricted to ``columns`` (a boolean mask), as
+    CSR: a CSR matrix is read ``block`` rows at a time, so its other columns are never in memory
+    (embed reads the HVG columns of X: at a million cells, 9 GiB of X not held)."""
+    import h5py
+    import numpy as np
+    import scipy.sparse as sp
+    from anndata.io import read_elem, sparse_dataset
+
+    columns = np.asarray(columns, dtype=bool)
+    with h5py.File(path, "r") as f:
+        elem = f[key]
+        if not (isinstance(elem, h5py.Group) and elem.attrs.get("encoding-type") == "csr_matrix"):
+            return sp.csr_matrix(read_elem(elem))[:, columns]
+        X = sparse_dataset(elem)
+        parts = [X[r0:r0 + block][:, columns] for r0 in range(0, X.shape[0], block)]
+    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, int(columns.sum())), dtype=X.dtype)
+
+
 def write(item: Carried, path: str) -> None:
     """Write ``item.adata`` to ``path`` with the carried elements copied from ``item.base``."""
     import anndata as ad
