@@ -21,7 +21,6 @@ the comparison's scores. Writes benchmarks/out/mapping_<reference>_<query>/resul
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from scale_benchmark import CELLS_PER_DONOR, N_GENES, prepare  # noqa: E402
+from scale_benchmark import CELLS_PER_DONOR, N_GENES, job_figures, prepare  # noqa: E402
 from workflow_utils import make_workdir, snakemake  # noqa: E402
 
 METHODS = ("projection", "latent", "classifier")
@@ -70,15 +69,11 @@ def config(h5ad: Path, query_batch: str, model: str, epochs: int, keep: bool) ->
     }
 
 
-def job_figures(workdir: Path) -> dict:
+def all_job_figures(workdir: Path) -> dict:
     """Every job's Snakemake benchmark: {relative path without .tsv: {seconds, max_rss_mb}}."""
-    figures = {}
-    for tsv in sorted((workdir / "results").rglob("benchmarks/**/*.tsv")):
-        with open(tsv) as f:
-            row = next(csv.DictReader(f, delimiter="\t"))
-        name = str(tsv.relative_to(workdir / "results")).removesuffix(".tsv").replace("benchmarks/", "")
-        figures[name] = {"seconds": float(row["s"]), "max_rss_mb": float(row["max_rss"])}
-    return figures
+    results = workdir / "results"
+    return {str(tsv.relative_to(results)).removesuffix(".tsv").replace("benchmarks/", ""): job_figures(tsv)
+            for tsv in sorted(results.rglob("benchmarks/**/*.tsv"))}
 
 
 def main() -> None:
@@ -106,7 +101,7 @@ def main() -> None:
                    f"Python {platform.python_version()}",
         "simulation": sim, "simulate_seconds": round(simulate_seconds, 1), "model": args.model,
         "vae_max_epochs": args.epochs, "wall_seconds": round(wall, 1), "completed": r.returncode == 0,
-        "jobs": job_figures(workdir),
+        "jobs": all_job_figures(workdir),
     }
     if r.returncode != 0:
         result["failure"] = r.stderr[-3000:]

@@ -67,15 +67,16 @@ def prepare(params: dict, folder: Path) -> tuple[Path, float]:
     return path, time.perf_counter() - t
 
 
+def job_figures(tsv: Path) -> dict:
+    """Seconds and peak RSS of one job, from its Snakemake ``benchmark:`` file."""
+    with open(tsv) as f:
+        row = next(csv.DictReader(f, delimiter="\t"))
+    return {"seconds": float(row["s"]), "max_rss_mb": float(row["max_rss"])}
+
+
 def stage_figures(workdir: Path, dataset: str) -> dict:
-    figures = {}
-    for stage in STAGES:
-        tsv = workdir / "results" / dataset / "benchmarks" / f"{stage}.tsv"
-        if tsv.exists():
-            with open(tsv) as f:
-                row = next(csv.DictReader(f, delimiter="\t"))
-            figures[stage] = {"seconds": float(row["s"]), "max_rss_mb": float(row["max_rss"])}
-    return figures
+    tsvs = {stage: workdir / "results" / dataset / "benchmarks" / f"{stage}.tsv" for stage in STAGES}
+    return {stage: job_figures(tsv) for stage, tsv in tsvs.items() if tsv.exists()}
 
 
 def run_size(n_cells: int, keep: bool) -> dict:
