@@ -61,6 +61,27 @@ def test_embed_and_cluster_recover_simulated_types(normalized):
     assert (markers.groupby("cluster")["rank"].max() == 5).all()
 
 
+def test_umap_starts_from_the_top_two_components_of_the_graphs_representation():
+    import anndata as ad
+    from sklearn.decomposition import PCA
+
+    from cellatlas.embed import umap_start
+
+    rng = np.random.default_rng(0)
+    rep = rng.normal(size=(500, 8)) * np.array([1, 6, 1, 3, 1, 1, 1, 1]) + 5.0
+    a = ad.AnnData(obs={"i": np.arange(500).astype(str)}, obsm={"X_vae": rep, "X_pca": rng.normal(size=(500, 4))})
+    a.uns["neighbors"] = {"params": {"use_rep": "X_vae"}}
+    start = umap_start(a)
+    ref = PCA(2, svd_solver="full").fit_transform(rep)
+    for k in range(2):  # the representation the graph was built on, not X_pca
+        assert abs(np.corrcoef(ref[:, k], start[:, k])[0, 1]) > 0.9999
+    # signs fixed by the loadings (the largest is positive), not left to the eigensolver
+    top = np.linalg.lstsq(rep - rep.mean(0), start.astype(np.float64), rcond=None)[0]
+    assert (top[np.abs(top).argmax(axis=0), [0, 1]] > 0).all()
+    a.obsm["X_vae"] = rep[:, :1]
+    assert umap_start(a) == "spectral"
+
+
 def test_same_seed_same_embedding_and_clusters(normalized):
     a, b = normalized.copy(), normalized.copy()
     for x in (a, b):

@@ -75,11 +75,33 @@ def neighbors(adata, *, n_neighbors: int = 10, n_pcs: int | None = None, seed: i
     sc.pp.neighbors(adata, n_neighbors=n_neighbors, n_pcs=min(n_pcs, adata.obsm["X_pca"].shape[1]), use_rep="X_pca", random_state=seed)
 
 
+def umap_start(adata) -> np.ndarray | str:
+    """The first two principal components of the representation the kNN graph was built on
+    (``uns["neighbors"]["params"]["use_rep"]``, ``X_pca`` by default), signs fixed: UMAP's start.
+
+    umap-learn's own start, a spectral layout, solves an eigenproblem with ARPACK for each
+    connected component of the graph; its time grows faster than the cells (a million cells were
+    still in it after 54 minutes). Starting from the PCA is what t-SNE here already does and keeps
+    the maps' global layout as well (Kobak & Linderman 2021; benchmarks/umap_start.py measures both).
+    """
+    rep = adata.uns.get("neighbors", {}).get("params", {}).get("use_rep") or "X_pca"
+    X = np.asarray(adata.obsm[rep], dtype=np.float64)
+    if X.shape[1] < 2:  # a one-component PCA (a handful of cells): nothing to start from
+        return "spectral"
+    X = X - X.mean(axis=0)
+    _, vectors = np.linalg.eigh(X.T @ X)
+    top = vectors[:, ::-1][:, :2]
+    top *= np.sign(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])])
+    return (X @ top).astype(np.float32)
+
+
 def umap(adata, *, min_dist: float = 0.5, seed: int = 0) -> None:
-    """UMAP of the kNN graph (``obsm["X_umap"]``)."""
+    """UMAP of the kNN graph (``obsm["X_umap"]``), started from :func:`umap_start`."""
     import scanpy as sc
 
-    sc.tl.umap(adata, min_dist=min_dist, random_state=seed)
+    start = umap_start(adata)
+    sc.tl.umap(adata, min_dist=min_dist, random_state=seed, init_pos=start)
+    adata.uns["umap"]["params"]["init_pos"] = start if isinstance(start, str) else "pca"  # provenance
 
 
 def tsne(adata, *, perplexity: float = 30.0, n_pcs: int | None = None, seed: int = 0, n_jobs: int = 1,
