@@ -95,11 +95,13 @@ def umap_start(adata) -> np.ndarray | str:
     return (X @ top).astype(np.float32)
 
 
-def umap(adata, *, min_dist: float = 0.5, seed: int = 0) -> None:
-    """UMAP of the kNN graph (``obsm["X_umap"]``), started from :func:`umap_start`."""
+def umap(adata, *, min_dist: float = 0.5, seed: int = 0, start: str | None = None) -> None:
+    """UMAP of the kNN graph (``obsm["X_umap"]``), started from :func:`umap_start`, or from
+    umap-learn's ``start`` (``"spectral"``) where the graph's representation is not the space the
+    graph describes."""
     import scanpy as sc
 
-    start = umap_start(adata)
+    start = start or umap_start(adata)
     sc.tl.umap(adata, min_dist=min_dist, random_state=seed, init_pos=start)
     adata.uns["umap"]["params"]["init_pos"] = start if isinstance(start, str) else "pca"  # provenance
 

@@ -163,7 +163,7 @@ def compare_stage(*, h5ad: str, dataset: str, embeddings: Mapping[str, str], sco
     cluster stage reads)."""
     import anndata as ad
 
-    from cellatlas.embed import tsne, umap, umap_start
+    from cellatlas.embed import tsne, umap
     from cellatlas.integrate.scores import choose, common_total
 
     table = pd.concat([pd.read_csv(p, sep="\t") for p in scores], ignore_index=True)
@@ -193,8 +193,6 @@ def compare_stage(*, h5ad: str, dataset: str, embeddings: Mapping[str, str], sco
         umap(adata, min_dist=embed["umap_min_dist"], seed=seed)
         tsne(adata, perplexity=embed["tsne_perplexity"], seed=seed, n_jobs=threads, rep=REP)
     else:
-        import scanpy as sc
-
         from scanpy.neighbors._connectivity import umap as fuzzy_graph
 
         from cellatlas.integrate.scores import shortest_path_neighbors
@@ -206,10 +204,12 @@ def compare_stage(*, h5ad: str, dataset: str, embeddings: Mapping[str, str], sco
         adata.obsp["distances"] = sp.csr_matrix(result.obsp["distances"])
         adata.obsp["connectivities"] = fuzzy_graph(near.indices, near.distances, n_obs=adata.n_obs, n_neighbors=k)
         adata.uns["neighbors"] = {"params": {"n_neighbors": k, "method": chosen, "random_state": seed,
-                                             # UMAP's start reads this, never X (not read here)
+                                             # UMAP's spectral start reads this, never X (not read here)
                                              "use_rep": "X_pca"},
                                   "distances_key": "distances", "connectivities_key": "connectivities"}
-        sc.tl.umap(adata, min_dist=embed["umap_min_dist"], random_state=seed, init_pos=umap_start(adata))
+        # spectral: the PCA this graph was built from still holds the batches the graph has joined,
+        # and a start from it would keep them apart
+        umap(adata, min_dist=embed["umap_min_dist"], seed=seed, start="spectral")
         adata.obsm["X_tsne"] = _tsne_of_graph(adata, seed)
     choice = {"dataset": dataset, "use": use, "method": chosen, "reason": reason, "max_bio_loss": max_bio_loss,
               "atlas_map": "the projection method's map" if chosen == BASELINE else
