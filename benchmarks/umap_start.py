@@ -26,7 +26,8 @@ PBMC = HERE.parent.parent / "shared" / "data" / "pbmc3k" / "pbmc3k_counts_labell
 
 
 def prepared(adata, label: str):
-    """Normalized, HVG, PCA and kNN graph as the pipeline makes them (default config)."""
+    """scanpy's normalize_total, log1p and seurat-flavour HVGs (not per batch), then the pipeline's
+    own PCA and kNN graph at the default config's sizes."""
     import scanpy as sc
 
     from cellatlas.embed import neighbors, pca

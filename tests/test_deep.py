@@ -208,7 +208,7 @@ def test_vae_embeds_counts_and_recovers_types(counts):
     h = pd.DataFrame(ra.history)
     assert h["val_loss"].min() < h["val_loss"].iloc[0]
     assert ra.plan.hparams.n_batches == 2 and len(ra.plan.hparams.batches) == 2
-    # the best of two resolutions, as the pipeline reports it: torch's CPU kernels differ between
+    # the best of two resolutions: torch's CPU kernels differ between
     # processors, and on an AMD EPYC r = 0.1 splits the largest type in two (ARI 0.69; r = 0.05: 1.0)
     table, mixing = cluster_embedding(a, n_neighbors=15, resolutions=[0.05, 0.1], umap_min_dist=0.5)
     assert a.obsm[UMAP].shape == (a.n_obs, 2) and "vae_leiden_r0.1" in a.obs

@@ -77,22 +77,21 @@ def neighbors(adata, *, n_neighbors: int = 10, n_pcs: int | None = None, seed: i
 
 def umap_start(adata) -> np.ndarray | str:
     """The first two principal components of the representation the kNN graph was built on
-    (``uns["neighbors"]["params"]["use_rep"]``, ``X_pca`` by default), signs fixed: UMAP's start.
+    (``uns["neighbors"]["params"]["use_rep"]``, ``X_pca`` by default): UMAP's start.
 
     umap-learn's own start, a spectral layout, solves an eigenproblem with ARPACK for each
     connected component of the graph; its time grows faster than the cells (a million cells were
-    still in it after 54 minutes). Starting from the PCA is what t-SNE here already does and keeps
-    the maps' global layout as well (Kobak & Linderman 2021; benchmarks/umap_start.py measures both).
+    still in it after 54 minutes). t-SNE here already starts from the PCA (Kobak & Linderman 2021
+    recommend it for both maps); benchmarks/umap_start.py finds the same local structure from
+    either start. scikit-learn's PCA fixes the signs by the loadings, so reruns agree.
     """
+    from sklearn.decomposition import PCA
+
     rep = adata.uns.get("neighbors", {}).get("params", {}).get("use_rep") or "X_pca"
     X = np.asarray(adata.obsm[rep], dtype=np.float64)
     if X.shape[1] < 2:  # a one-component PCA (a handful of cells): nothing to start from
         return "spectral"
-    X = X - X.mean(axis=0)
-    _, vectors = np.linalg.eigh(X.T @ X)
-    top = vectors[:, ::-1][:, :2]
-    top *= np.sign(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])])
-    return (X @ top).astype(np.float32)
+    return PCA(n_components=2, svd_solver="covariance_eigh").fit_transform(X).astype(np.float32)
 
 
 def umap(adata, *, min_dist: float = 0.5, seed: int = 0, start: str | None = None) -> None:
