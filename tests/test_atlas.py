@@ -111,6 +111,30 @@ def test_projection_transfers_labels_onto_the_reference_map(pair, ref_map):
     assert table["confidence"].between(0, 1).all()
 
 
+def test_cells_are_placed_in_the_reference_umap_by_exact_search_without_a_pynndescent_index(ref_map, monkeypatch):
+    """No pynndescent index is built (its numba code cannot be cached: ~30 s per job); the
+    search umap-learn's transform asks is exact, and each reference cell placed again lands
+    among its own type."""
+    import pynndescent
+    from cellatlas.atlas.methods import ExactSearch, place_in_umap
+    from sklearn.neighbors import KNeighborsClassifier
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pynndescent index was built")
+
+    monkeypatch.setattr(pynndescent, "NNDescent", refuse)
+    rep = np.asarray(ref_map.obsm["X_pca"], dtype=np.float32)
+    indices, distances = ExactSearch(rep).query(rep[:40], k=5)
+    squared = ((rep[:40, None, :].astype(np.float64) - rep[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(distances, np.sqrt(np.sort(squared, axis=1)[:, :5]), rtol=1e-3, atol=1e-3)
+    assert (indices[:, 0] == np.arange(40)).all()
+    placed = place_in_umap(ref_map, "X_pca", rep, seed=0)
+    assert np.array_equal(placed, place_in_umap(ref_map, "X_pca", rep, seed=0))  # same seed, same map
+    labels = ref_map.obs[keys.LABEL].astype(str).to_numpy()
+    layout = KNeighborsClassifier(15).fit(ref_map.obsm[atlas.UMAP], labels)
+    assert (layout.predict(placed) == labels).mean() >= 0.95
+
+
 def test_classifier_method_uses_the_model_on_the_reference_genes(pair, ref_map):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -36,10 +36,40 @@ def project(ref, X_aligned: sp.csr_matrix, present: np.ndarray) -> np.ndarray:
     return np.asarray(Xh @ weights - offset, dtype=np.float32)
 
 
+class ExactSearch:
+    """Exact Euclidean neighbours among the reference cells, through the one method umap-learn's
+    ``transform`` calls on its search index (pynndescent's ``query``).
+
+    pynndescent's index cannot be cached by numba ("uses dynamic globals"): building and querying
+    it compiled for about 30 s in every mapping job, whatever the data's size. Exact search is
+    what the label vote already uses (:func:`knn_transfer`), and it is deterministic.
+    """
+
+    _angular_trees = False  # umap-learn reads it to choose pynndescent's search epsilon
+
+    def __init__(self, data: np.ndarray):
+        from sklearn.neighbors import NearestNeighbors
+
+        self._search = NearestNeighbors(algorithm="brute").fit(np.asarray(data, dtype=np.float32))
+
+    def query(self, X: np.ndarray, k: int = 10, epsilon: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+        distances, indices = self._search.kneighbors(np.asarray(X, dtype=np.float32), n_neighbors=k)
+        return indices.astype(np.int32), distances.astype(np.float32)
+
+
 def _ingest(ref, rep: str, seed: int):
-    """scanpy's Ingest over one of the map's representations (PCA or VAE) and its UMAP."""
+    """scanpy's Ingest over one of the map's representations (PCA or VAE) and its UMAP, searching
+    the reference exactly (:class:`ExactSearch`) instead of with a pynndescent index."""
     import anndata as ad
     from scanpy.tools import Ingest
+
+    class ExactIngest(Ingest):
+        def _init_pynndescent(self, distances):
+            self._nnd_idx = ExactSearch(self._rep)
+
+        def _init_umap(self, adata):
+            super()._init_umap(adata)
+            self._umap._small_data = False  # one path at every size: the search above, not umap's own
 
     umap = UMAP if rep == PCA else VAE_UMAP
     k = int(ref.uns["neighbors"]["n_neighbors"])
@@ -52,7 +82,7 @@ def _ingest(ref, rep: str, seed: int):
     bare.uns["neighbors"] = {"params": {"n_neighbors": k, "metric": "euclidean", "use_rep": "rep", "random_state": seed},
                              "distances_key": "distances", "connectivities_key": "connectivities"}
     bare.uns["umap"] = {"params": {"a": ref.uns["umap"]["a"], "b": ref.uns["umap"]["b"], "random_state": seed}}
-    return Ingest(bare)
+    return ExactIngest(bare)
 
 
 def place_in_umap(ref, rep: str, query_rep: np.ndarray, *, seed: int = 0) -> np.ndarray:
