@@ -97,9 +97,20 @@ SLURM_MODELS = {"classifiers": ["logistic_regression", "mlp"], "regressors": ["r
 SLURM_INTEGRATION, SLURM_ATLAS = ["pca", "vae"], ["latent"]
 
 
+#: what these tests check is how jobs run (sbatch, partitions, retries, tracking), not what they
+#: compute: the demo's simulations at a third of their cells, and a few epochs
+SLURM_CELLS = {"sim": 1000, "sim_ref": 1500, "sim_query": 1500}
+SLURM_EPOCHS = 4
+
+
 def slurm_config() -> dict:
-    """config/demo.yaml less what only repeats its rules (test_every_rule_of_the_demo_ran_under_slurm)."""
+    """config/demo.yaml less what only repeats its rules (test_every_rule_of_the_demo_ran_under_slurm),
+    on smaller data."""
     config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    for name, n_cells in SLURM_CELLS.items():
+        config["datasets"][name]["source"] = {**config["datasets"][name]["source"], "n_cells": n_cells}
+    config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS
+    config["classify"]["classifiers"]["mlp"]["params"]["max_epochs"] = SLURM_EPOCHS
     for name in SPARED_DATASETS:
         config["datasets"].pop(name)
         config["classify"]["tasks"].pop(name, None)
@@ -220,7 +231,7 @@ def test_data_parallel_training_starts_one_process_per_requested_device(run, ser
     # a few epochs (in the config file: --config passes nested numbers as text): what is checked is
     # how many processes trained, not the model
     config = slurm_config()
-    config["train"]["embedding"]["max_epochs"] = 3
+    config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS - 1
     write_config(workdir, config)
     train = json.dumps({"trainer": {"devices": 2}})  # merged into the file's train section
     tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})
