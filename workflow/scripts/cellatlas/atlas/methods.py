@@ -57,9 +57,10 @@ class ExactSearch:
         return indices.astype(np.int32), distances.astype(np.float32)
 
 
-def _ingest(ref, rep: str, seed: int):
+def _ingest(ref, rep: str, seed: int, *, exact: bool = True):
     """scanpy's Ingest over one of the map's representations (PCA or VAE) and its UMAP, searching
-    the reference exactly (:class:`ExactSearch`) instead of with a pynndescent index."""
+    the reference exactly (:class:`ExactSearch`) instead of with a pynndescent index (``exact``
+    False: scanpy's own index, which benchmarks/job_costs.py measures beside it)."""
     import anndata as ad
     from scanpy.tools import Ingest
 
@@ -82,14 +83,14 @@ def _ingest(ref, rep: str, seed: int):
     bare.uns["neighbors"] = {"params": {"n_neighbors": k, "metric": "euclidean", "use_rep": "rep", "random_state": seed},
                              "distances_key": "distances", "connectivities_key": "connectivities"}
     bare.uns["umap"] = {"params": {"a": ref.uns["umap"]["a"], "b": ref.uns["umap"]["b"], "random_state": seed}}
-    return ExactIngest(bare)
+    return (ExactIngest if exact else Ingest)(bare)
 
 
-def place_in_umap(ref, rep: str, query_rep: np.ndarray, *, seed: int = 0) -> np.ndarray:
+def place_in_umap(ref, rep: str, query_rep: np.ndarray, *, seed: int = 0, exact: bool = True) -> np.ndarray:
     """The cells' coordinates in the reference UMAP of ``rep`` (umap-learn's transform via Ingest)."""
     import anndata as ad
 
-    ing = _ingest(ref, rep, seed)
+    ing = _ingest(ref, rep, seed, exact=exact)
     query = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(query_rep.shape[0])]),
                        obsm={"rep": np.ascontiguousarray(query_rep, dtype=np.float32)})
     ing.fit(query)
