@@ -123,12 +123,17 @@ def test_cells_are_placed_in_the_reference_umap_by_exact_search_without_a_pynnde
         raise AssertionError("a pynndescent index was built")
 
     monkeypatch.setattr(pynndescent, "NNDescent", refuse)
+    asked = []  # umap-learn's transform must ask this search, at every reference size
+    original = ExactSearch.query
+    monkeypatch.setattr(ExactSearch, "query", lambda self, X, k=10, epsilon=0.1: asked.append(k) or original(self, X, k))
     rep = np.asarray(ref_map.obsm["X_pca"], dtype=np.float32)
     indices, distances = ExactSearch(rep).query(rep[:40], k=5)
     squared = ((rep[:40, None, :].astype(np.float64) - rep[None, :, :]) ** 2).sum(-1)
     np.testing.assert_allclose(distances, np.sqrt(np.sort(squared, axis=1)[:, :5]), rtol=1e-3, atol=1e-3)
     assert (indices[:, 0] == np.arange(40)).all()
+    asked.clear()
     placed = place_in_umap(ref_map, "X_pca", rep, seed=0)
+    assert asked == [int(ref_map.uns["neighbors"]["n_neighbors"])]
     assert np.array_equal(placed, place_in_umap(ref_map, "X_pca", rep, seed=0))  # same seed, same map
     labels = ref_map.obs[keys.LABEL].astype(str).to_numpy()
     layout = KNeighborsClassifier(15).fit(ref_map.obsm[atlas.UMAP], labels)

@@ -99,6 +99,7 @@ SLURM_INTEGRATION, SLURM_ATLAS = ["pca", "vae"], ["latent"]
 
 #: what these tests check is how jobs run (sbatch, partitions, retries, tracking), not what they
 #: compute: the demo's simulations at a third of their cells, and a few epochs
+#: (the atlas's reference and query are one simulation split in two: they keep one size)
 SLURM_CELLS = {"sim": 1000, "sim_ref": 1500, "sim_query": 1500}
 SLURM_EPOCHS = 4
 
@@ -109,6 +110,7 @@ def slurm_config() -> dict:
     config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     for name, n_cells in SLURM_CELLS.items():
         config["datasets"][name]["source"] = {**config["datasets"][name]["source"], "n_cells": n_cells}
+    assert config["datasets"]["sim_ref"]["source"] == config["datasets"]["sim_query"]["source"]
     config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS
     config["classify"]["classifiers"]["mlp"]["params"]["max_epochs"] = SLURM_EPOCHS
     for name in SPARED_DATASETS:
