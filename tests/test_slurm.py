@@ -98,7 +98,7 @@ SLURM_INTEGRATION, SLURM_ATLAS = ["pca", "vae"], ["latent"]
 
 
 #: what these tests check is how jobs run (sbatch, partitions, retries, tracking), not what they
-#: compute: the demo's simulations at a third of their cells, and a few epochs
+#: compute: the demo's simulations at about a third of their cells, and a few epochs
 #: (the atlas's reference and query are one simulation split in two: they keep one size)
 SLURM_CELLS = {"sim": 1000, "sim_ref": 1500, "sim_query": 1500}
 SLURM_EPOCHS = 4
