@@ -112,7 +112,7 @@ def test_projection_transfers_labels_onto_the_reference_map(pair, ref_map):
 
 
 def test_cells_are_placed_in_the_reference_umap_by_exact_search_without_a_pynndescent_index(ref_map, monkeypatch):
-    """No pynndescent index is built (its numba code cannot be cached: ~30 s per job); the
+    """No pynndescent index is built (its numba code cannot be cached: ~40 s per job); the
     search umap-learn's transform asks is exact, and each reference cell placed again lands
     among its own type."""
     import pynndescent

@@ -41,8 +41,9 @@ class ExactSearch:
     ``transform`` calls on its search index (pynndescent's ``query``).
 
     pynndescent's index cannot be cached by numba ("uses dynamic globals"): building and querying
-    it compiled for about 30 s in every mapping job, whatever the data's size. Exact search is
-    what the label vote already uses (:func:`knn_transfer`), and it is deterministic.
+    it compiled for about 40 s in every mapping job, whatever the data's size
+    (benchmarks/job_costs.py). The label vote (:func:`knn_transfer`) searches with it too; exact
+    search is deterministic.
     """
 
     _angular_trees = False  # umap-learn reads it to choose pynndescent's search epsilon
@@ -101,13 +102,9 @@ def place_in_umap(ref, rep: str, query_rep: np.ndarray, *, seed: int = 0, exact:
 def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> pd.DataFrame:
     """Labels of ``query_rep``'s k nearest reference cells, with agreement and proximity
     (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``)."""
-    from sklearn.neighbors import NearestNeighbors
-
     # Exact neighbours for the vote: Ingest's own search (pynndescent, seeded from the reference
     # graph) returned wrong neighbours for 12% of a simulated query, exact search for none.
-    k = min(int(n_neighbors), ref.n_obs)
-    search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(np.asarray(ref.obsm[rep], dtype=np.float32))
-    indices = search.kneighbors(np.asarray(query_rep, dtype=np.float32), return_distance=False)
+    indices, _ = ExactSearch(ref.obsm[rep]).query(query_rep, k=min(int(n_neighbors), ref.n_obs))
 
     labels = ref.obs[keys.LABEL]
     codes = labels.cat.codes.to_numpy()
