@@ -54,6 +54,26 @@ def test_runs_whose_process_is_gone_are_marked_killed_and_the_others_left(store)
     assert tags["cellatlas.status"] == "killed" and "marked KILLED by the test: process" in tags["cellatlas.notes"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the boot-relative start is read from /proc")
+def test_a_process_stays_alive_when_the_system_clock_moves(monkeypatch):
+    """psutil's epoch start time is boot time + uptime, and the boot time follows the system clock:
+    a clock stepped by a second (NTP, a virtual machine resumed) must not make a live process gone."""
+    import psutil
+
+    me = liveness.identity()
+    assert liveness.process_state(me[liveness.TAG_HOST], me[liveness.TAG_PID], me[liveness.TAG_PID_START]) == "alive"
+    epoch = psutil.Process(os.getpid()).create_time()
+    stepped = psutil.boot_time() + 1.5
+    monkeypatch.setattr(psutil, "boot_time", lambda: stepped)
+    monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: stepped)
+    assert psutil.Process(os.getpid()).create_time() - epoch > 1.0  # psutil's epoch start moved with the clock
+    assert liveness.start_time(os.getpid()) == me[liveness.TAG_PID_START]
+    assert liveness.process_state(me[liveness.TAG_HOST], me[liveness.TAG_PID], me[liveness.TAG_PID_START]) == "alive"
+    # a stamp of an older version (epoch seconds) still compares, on the same clock
+    legacy = f"{psutil.Process(os.getpid()).create_time():.2f}"
+    assert liveness.process_state(me[liveness.TAG_HOST], me[liveness.TAG_PID], legacy) == "alive"
+
+
 def test_an_invocation_closes_what_a_killed_one_left_open(store, tmp_path, monkeypatch, capsys):
     uri, client, exp = store
     dead = {**liveness.identity(), liveness.TAG_PID: str(_dead_pid())}
@@ -84,7 +104,7 @@ with tracking.stage_run("embed", "d", params={{}}, record={str(tmp_path / 'run.j
 """
     env = {**os.environ, tracking.ENV_URI: uri, tracking.ENV_EXPERIMENT: "t",
            liveness.ENV_SNAKEMAKE_PID: str(snakemake_stand_in.pid), liveness.ENV_SNAKEMAKE_HOST: socket.gethostname(),
-           liveness.ENV_SNAKEMAKE_START: f"{liveness.start_time(snakemake_stand_in.pid):.2f}"}
+           liveness.ENV_SNAKEMAKE_START: liveness.start_time(snakemake_stand_in.pid)}
     proc = subprocess.Popen([sys.executable, "-c", job], env=env, stderr=subprocess.PIPE, text=True)
     exp = None
     deadline = time.monotonic() + 60

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from cellatlas.naming import TAG_HOST, TAG_NOTES, TAG_PID, TAG_PID_START, TAG_SLURM, TAG_STATUS
 
@@ -42,22 +43,56 @@ _SLURM_ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", 
                 "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 
 
-def start_time(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), or None if there is no such process."""
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> str | None:
+    """When process ``pid`` started, as a stamp that only that process has; None if there is no such process.
+
+    Linux: the boot's id and the seconds from boot to the process's start (``/proc/<pid>/stat``),
+    which no clock change moves. psutil's epoch time is boot time + those seconds, and the boot
+    time moves with the system clock (NTP, a virtual machine's clock stepped on resume): a job
+    watching its Snakemake process took a one-second step for the process's end and stopped
+    itself. Elsewhere: psutil's epoch time.
+    """
     import psutil
 
     try:
         process = psutil.Process(pid)
         # a killed process its parent has not reaped yet is gone all the same
-        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        boot = _boot_id()
+        if boot:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            return f"{boot}+{int(fields[19]) / os.sysconf('SC_CLK_TCK'):.2f}"  # field 22: starttime
+        return f"{process.create_time():.2f}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OSError, IndexError):
         return None
+
+
+def _same_start(now: str, recorded: str) -> bool:
+    """Whether two stamps of :func:`start_time` name one process (within a second: older versions
+    recorded psutil's epoch time with two decimals, which still compares on their hosts)."""
+    (boot, _, secs), (rec_boot, _, rec_secs) = now.rpartition("+"), recorded.rpartition("+")
+    if not rec_boot and boot:  # an epoch time recorded by an older version
+        import psutil
+
+        boot, secs = "", str(float(secs) + psutil.boot_time())
+    try:
+        return boot == rec_boot and abs(float(secs) - float(rec_secs)) < 1.0
+    except ValueError:
+        return False
 
 
 def identity(pid: int | None = None) -> dict[str, str]:
     """The tags that tell later whether this process is still there."""
     pid = pid or os.getpid()
-    tags = {TAG_HOST: socket.gethostname(), TAG_PID: str(pid), TAG_PID_START: f"{start_time(pid) or 0:.2f}"}
+    tags = {TAG_HOST: socket.gethostname(), TAG_PID: str(pid), TAG_PID_START: start_time(pid) or "0"}
     if "SLURM_JOB_ID" in os.environ:
         tags[TAG_SLURM] = os.environ["SLURM_JOB_ID"]
     return tags
@@ -69,7 +104,7 @@ def process_state(host: str, pid: str | int, started: str | float) -> str:
         return UNKNOWN
     now = start_time(int(pid))
     # the same pid with another start time is another process: the recorded one is gone
-    return ALIVE if now is not None and abs(now - float(started)) < 1.0 else GONE
+    return ALIVE if now is not None and _same_start(now, str(started)) else GONE
 
 
 def slurm_state(job_id: str) -> str:
@@ -141,7 +176,7 @@ def reap(client, experiment_id: str, *, by: str, parent: str | None = None) -> d
 def export_invocation() -> None:
     """Tell this process's jobs which Snakemake process to watch (see :func:`watch_invocation`)."""
     os.environ.update({ENV_SNAKEMAKE_PID: str(os.getpid()), ENV_SNAKEMAKE_HOST: socket.gethostname(),
-                       ENV_SNAKEMAKE_START: f"{start_time(os.getpid()) or 0:.2f}"})
+                       ENV_SNAKEMAKE_START: start_time(os.getpid()) or "0"})
 
 
 def watch_invocation(on_gone: Callable[[str], None], *, every: float = 2.0) -> threading.Thread | None:
