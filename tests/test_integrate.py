@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from cellatlas.errors import ConfigError, InputDataError
 from cellatlas.integrate import METHODS
-from cellatlas.integrate.scores import choose, score, shortest_path_neighbors
+from cellatlas.integrate.scores import K_KBET, choose, embedding_neighbors, kbet_per_label, score, shortest_path_neighbors
 
 
 def _blobs(shift_batch: float, *, n=300, seed=0):
@@ -36,6 +36,28 @@ def test_scores_perfect_mixing_against_perfect_separation():
         assert s["clisi"] == pytest.approx(1.0, abs=1e-3) and s["label_asw"] > 0.5
     assert mixed["ari"] == pytest.approx(1.0) and mixed["nmi"] == pytest.approx(1.0)
     assert mixed["total"] == pytest.approx(0.4 * mixed["batch_correction"] + 0.6 * mixed["bio_conservation"])
+
+
+def test_kbet_searches_each_label_exactly_and_agrees_with_scib_metrics_own(monkeypatch):
+    """Within a label kBET's search is exact, with no pynndescent index (numba cannot cache its
+    compiled code: every job compiled it again), and the score is scib-metrics' own with its
+    pynndescent search, at every batch shift; scib-metrics' search is restored after."""
+    import scib_metrics
+    from scib_metrics.nearest_neighbors import _pynndescent
+
+    original = scib_metrics.nearest_neighbors.pynndescent
+    theirs, ours = [], []
+    for shift in (0.0, 0.7, 1.5, 60.0):
+        X, labels, batches = _blobs(shift, n=800, seed=3)
+        nn = embedding_neighbors(X, K_KBET)
+        theirs.append(float(scib_metrics.kbet_per_label(nn, batches, labels)))
+        with monkeypatch.context() as m:
+            m.setattr(_pynndescent, "NNDescent", lambda *a, **k: pytest.fail("pynndescent index built"))
+            ours.append(kbet_per_label(nn, batches, labels))
+    assert scib_metrics.nearest_neighbors.pynndescent is original
+    assert ours[0] > 0.8 and ours[-1] < 0.1 and 0.1 < ours[1] < 0.9, ours  # one partly mixed case
+    assert ours == sorted(ours, reverse=True)
+    np.testing.assert_allclose(ours, theirs, atol=0.03)
 
 
 def test_scores_see_cell_types_merged():
