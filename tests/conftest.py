@@ -17,6 +17,30 @@ from cellatlas._numba import enable_cache  # noqa: E402
 enable_cache(str(ROOT / ".snakemake" / "numba-cache"))
 
 
+#: the units of work that take longest (tests/*.py files, and the tests of the session's shared
+#: workflow run), started first when pytest-xdist spreads the suite (`make test`)
+LONGEST_FIRST = ("shared-run", "test_slurm.py", "test_workflow.py", "test_reliability.py", "test_server.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Units of work for ``--dist loadgroup``: a test file, except that every test of the shared
+    workflow run (fixture ``workdir``, made once per worker) is one unit, whatever its file; the
+    longest units first, so that no worker starts one after the others have finished."""
+    if getattr(config.option, "dist", "no") != "loadgroup" and not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "shared-run" if "workdir" in item.fixturenames else item.path.name
+            item.add_marker(pytest.mark.xdist_group(group))
+
+    def rank(item):
+        group = item.get_closest_marker("xdist_group").args[0]
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 def task_obs():
     """600 cells, 3 classes, 6 donors nested in 2 batches, a numeric 'program' (the classify tests' obs)."""
     import numpy as np
@@ -61,3 +85,5 @@ def workdir(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     (w / "snakemake.out").write_text(r.stdout + r.stderr)
     return w
+
+
