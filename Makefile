@@ -21,9 +21,8 @@ install: $(BIN)/snakemake
 run: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml --replace-workflow-config
 
-# every test in one pass, spread over one worker more than the cores: a workflow run leaves a core
-# idle between its jobs (measured: its jobs kept 0.9 of 2 cores busy), which another unit of work
-# fills. A unit is a test file, or the tests of the session's shared workflow run (tests/conftest.py);
+# every test in one pass, spread over one worker more than the cores: a workflow run's jobs wait on
+# each other and leave a core idle (benchmarks/RESULTS.md), which another unit of work fills. A unit is a test file, or the tests of the session's shared workflow run (tests/conftest.py);
 # the longest start first.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install

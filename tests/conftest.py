@@ -17,9 +17,10 @@ from cellatlas._numba import enable_cache  # noqa: E402
 enable_cache(str(ROOT / ".snakemake" / "numba-cache"))
 
 
-#: the units of work that take longest (tests/*.py files, and the tests of the session's shared
-#: workflow run), started first when pytest-xdist spreads the suite (`make test`)
-LONGEST_FIRST = ("shared-run", "test_slurm.py", "test_workflow.py", "test_reliability.py", "test_server.py")
+#: the units of work that take longest (the tests of the session's shared workflow run, and two
+#: files of workflow runs), started first when pytest-xdist spreads the suite (`make test`); the
+#: other files follow in order, and the workers that finish first take them
+LONGEST_FIRST = ("shared-run", "test_workflow.py", "test_slurm.py")
 
 
 @pytest.hookimpl(tryfirst=True)

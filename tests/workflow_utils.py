@@ -41,7 +41,12 @@ def snakemake_command(*args: str, env: dict[str, str] | None = None) -> tuple[li
     return [sys.executable, "-m", "snakemake", *args], env
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 1200, env: dict[str, str] | None = None
+#: a run's limit: `make test` runs other tests beside it on the same cores, which took the shared
+#: run from about 10 to more than 20 minutes (it only stops a run that hangs)
+TIMEOUT = 3600
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = TIMEOUT, env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess:
     cmd, env = snakemake_command(*args, env=env)
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
