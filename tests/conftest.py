@@ -27,7 +27,8 @@ LONGEST_FIRST = ("shared-run", "test_workflow.py", "test_slurm.py")
 def pytest_collection_modifyitems(config, items):
     """Units of work for ``--dist loadgroup``: a test file, except that every test of the shared
     workflow run (fixture ``workdir``, made once per worker) is one unit, whatever its file; the
-    longest units first, so that no worker starts one after the others have finished."""
+    longest units first, so that they do not start late (xdist may still queue a unit behind a
+    worker's last long test)."""
     if getattr(config.option, "dist", "no") != "loadgroup" and not getattr(config.option, "loadgroup", False):
         return
     for item in items:
@@ -36,7 +37,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
 
     def rank(item):
-        group = item.get_closest_marker("xdist_group").args[0]
+        mark = item.get_closest_marker("xdist_group")
+        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
         return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a file's tests keep their order

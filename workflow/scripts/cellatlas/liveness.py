@@ -185,9 +185,9 @@ def watch_invocation(on_gone: Callable[[str], None], *, every: float = 2.0) -> t
     (no invocation, or it runs on another host: a cluster job, which the next invocation
     cancels through SLURM instead)."""
     pid, host = os.environ.get(ENV_SNAKEMAKE_PID), os.environ.get(ENV_SNAKEMAKE_HOST)
-    if not pid or host != socket.gethostname():
-        return None
     started = os.environ.get(ENV_SNAKEMAKE_START, "0")
+    if not pid or host != socket.gethostname() or started == "0":  # "0": its start could not be read
+        return None
 
     def loop() -> None:
         while process_state(host, pid, started) == ALIVE:

@@ -45,7 +45,8 @@ KBET_EXACT_MAX_CELLS = 20_000
 def kbet_per_label(nn, batches: np.ndarray, labels: np.ndarray) -> float:
     """scib-metrics' ``kbet_per_label``, its neighbour search within each label exact up to
     :data:`KBET_EXACT_MAX_CELLS` cells (scib-metrics takes no search to use: it is swapped in
-    for the call and restored)."""
+    for the call and restored). A label asking for more neighbours than it has cells (10 cells,
+    scib-metrics' smallest) gets all of them, where pynndescent would leave a slot unfilled."""
     import scib_metrics
     from scib_metrics import nearest_neighbors
     from sklearn.neighbors import NearestNeighbors
