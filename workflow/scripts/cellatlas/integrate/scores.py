@@ -49,15 +49,13 @@ def kbet_per_label(nn, batches: np.ndarray, labels: np.ndarray) -> float:
     scib-metrics' smallest) gets all of them, where pynndescent would leave a slot unfilled."""
     import scib_metrics
     from scib_metrics import nearest_neighbors
-    from sklearn.neighbors import NearestNeighbors
 
     approximate = nearest_neighbors.pynndescent
 
     def search(X, n_neighbors: int, random_state: int = 0, n_jobs: int = 1):
         if X.shape[0] > KBET_EXACT_MAX_CELLS:
             return approximate(X, n_neighbors=n_neighbors, random_state=random_state, n_jobs=n_jobs)
-        distances, indices = NearestNeighbors(n_neighbors=min(n_neighbors, X.shape[0])).fit(X).kneighbors(X)
-        return nearest_neighbors.NeighborsResults(indices=indices, distances=distances)
+        return embedding_neighbors(X, n_neighbors)
 
     nearest_neighbors.pynndescent = search
     try:
