@@ -8,6 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 SHARED_DATA = Path(os.environ.get("CELLATLAS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
+# as in a job (cellatlas.runner): OpenMP threads sleep while they wait, since `make test` runs more
+# processes than there are cores; set before any test imports torch or scikit-learn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the JIT caches the pipeline's jobs use (cellatlas.runner), for the tests that run stages in this
 # process too: umap/pynndescent's numba code and scib-metrics' jax code compile once per checkout
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".snakemake" / "jax-cache"))

@@ -188,3 +188,19 @@ def test_a_config_the_tracker_refuses_fails_in_one_line_and_leaves_no_run_runnin
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert run.info.status == "FAILED" and tracking.ENV_PARENT not in os.environ
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_a_jobs_openmp_threads_sleep_while_they_wait_unless_the_user_says(given, expected):
+    """The runner is a script's first import; it sets the wait policy before any OpenMP runtime loads."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys; import cellatlas.runner; "
+            "print(os.environ['OMP_WAIT_POLICY'], sorted({'torch', 'sklearn', 'numba'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
+    assert out == [expected, "[]\n"]
