@@ -79,28 +79,38 @@ def stage_figures(workdir: Path, dataset: str) -> dict:
     return {stage: job_figures(tsv) for stage, tsv in tsvs.items() if tsv.exists()}
 
 
-def run_size(n_cells: int, keep: bool) -> dict:
+def run_size(n_cells: int, keep: bool, earlier: dict | None = None) -> dict:
+    """One size's run; with ``earlier`` (that size's saved result), the run that stopped is
+    continued in its own folder: the stages it finished are not run again."""
     folder = OUT / str(n_cells)
     folder.mkdir(parents=True, exist_ok=True)
-    h5ad, simulate_seconds = prepare(simulation(n_cells), folder)
-    import anndata as ad
-
-    backed = ad.read_h5ad(h5ad, backed="r")
-    nnz = int(backed.X.group["indptr"][-1])
-    backed.file.close()
     workdir = folder / "pipeline"
-    shutil.rmtree(workdir, ignore_errors=True)
-    config = chain_config({"source": {"kind": "h5ad", "path": str(h5ad)}, "label_key": "cell_type",
-                           "batch_key": "batch", "donor_key": "donor"}, "scale")
-    # each stage file is a whole copy of the matrix (two for normalize and embed): a million cells'
-    # would not fit this machine's disk together, so each goes once the next stage has read it
-    make_workdir(workdir, {**config, "keep_intermediate": keep})
+    if earlier:
+        nnz, simulate_seconds = earlier["nnz"], earlier["simulate_seconds"]
+    else:
+        h5ad, simulate_seconds = prepare(simulation(n_cells), folder)
+        import anndata as ad
+
+        backed = ad.read_h5ad(h5ad, backed="r")
+        nnz = int(backed.X.group["indptr"][-1])
+        backed.file.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        config = chain_config({"source": {"kind": "h5ad", "path": str(h5ad)}, "label_key": "cell_type",
+                               "batch_key": "batch", "donor_key": "donor"}, "scale")
+        # each stage file is a whole copy of the matrix (two for normalize and embed): a million cells'
+        # would not fit this machine's disk together, so each goes once the next stage has read it
+        make_workdir(workdir, {**config, "keep_intermediate": keep})
     t = time.perf_counter()
     r = snakemake(workdir, "--cores", "2", "--", "results/scale/cluster/run.json", timeout=6 * 3600)
     wall = time.perf_counter() - t
+    stages = stage_figures(workdir, "scale")
+    if earlier:  # the stopped run's wall time is lost; its finished stages' own seconds stand for it
+        wall += sum(s["seconds"] for name, s in earlier["stages"].items())
     result = {"n_cells": n_cells, "n_genes": N_GENES, "nnz": nnz, "simulation": simulation(n_cells),
               "simulate_seconds": round(simulate_seconds, 1), "wall_seconds": round(wall, 1),
-              "completed": r.returncode == 0, "stages": stage_figures(workdir, "scale")}
+              "completed": r.returncode == 0, "stages": stages}
+    if earlier:
+        result["continued"] = sorted(earlier["stages"])
     if r.returncode != 0:
         failed = [s for s in STAGES if s not in result["stages"]]
         log = workdir / "results" / "scale" / "logs" / f"{failed[0]}.log" if failed else None
@@ -147,6 +157,8 @@ def main() -> None:
     parser.add_argument("sizes", nargs="*", type=int)
     parser.add_argument("--keep", action="store_true", help="keep each size's stage files (several copies of the matrix)")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="continue each size's stopped run in its folder (its stage files must still be there)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     store = OUT / "result.json"
@@ -154,7 +166,8 @@ def main() -> None:
     saved["machine"] = (f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
                         f"Python {platform.python_version()}")
     for n in args.sizes:
-        result = run_size(n, args.keep)
+        earlier = saved["runs"].get(str(n)) if args.resume else None
+        result = run_size(n, args.keep, earlier)
         saved["runs"][str(n)] = result
         store.write_text(json.dumps(saved, indent=2))
         print(f"{n:,} cells: {'completed' if result['completed'] else 'stopped in ' + str(result['failed_stage'])} "
