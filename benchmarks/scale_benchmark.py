@@ -107,7 +107,7 @@ def run_size(n_cells: int, keep: bool, earlier: dict | None = None) -> dict:
     if earlier:  # the stopped run's wall time is lost; its finished stages' own seconds stand for it
         wall += sum(s["seconds"] for name, s in earlier["stages"].items())
     result = {"n_cells": n_cells, "n_genes": N_GENES, "nnz": nnz, "simulation": simulation(n_cells),
-              "simulate_seconds": round(simulate_seconds, 1), "wall_seconds": round(wall, 1),
+              "simulate_seconds": simulate_seconds and round(simulate_seconds, 1), "wall_seconds": round(wall, 1),
               "completed": r.returncode == 0, "stages": stages}
     if earlier:
         result["continued"] = sorted(earlier["stages"])
