@@ -86,6 +86,8 @@ def run_size(n_cells: int, keep: bool, earlier: dict | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     workdir = folder / "pipeline"
     if earlier:
+        if not (workdir / ".snakemake").is_dir():
+            raise SystemExit(f"--continue: {workdir} has no stopped run to continue")
         nnz, simulate_seconds = earlier["nnz"], earlier["simulate_seconds"]
     else:
         h5ad, simulate_seconds = prepare(simulation(n_cells), folder)
@@ -104,8 +106,8 @@ def run_size(n_cells: int, keep: bool, earlier: dict | None = None) -> dict:
     r = snakemake(workdir, "--cores", "2", "--", "results/scale/cluster/run.json", timeout=6 * 3600)
     wall = time.perf_counter() - t
     stages = stage_figures(workdir, "scale")
-    if earlier:  # the stopped run's wall time is lost; its finished stages' own seconds stand for it
-        wall += sum(s["seconds"] for name, s in earlier["stages"].items())
+    if earlier:  # the stopped run's stages that finished: their own seconds (it may have no wall time)
+        wall += sum(s["seconds"] for s in earlier["stages"].values())
     result = {"n_cells": n_cells, "n_genes": N_GENES, "nnz": nnz, "simulation": simulation(n_cells),
               "simulate_seconds": simulate_seconds and round(simulate_seconds, 1), "wall_seconds": round(wall, 1),
               "completed": r.returncode == 0, "stages": stages}
@@ -117,7 +119,7 @@ def run_size(n_cells: int, keep: bool, earlier: dict | None = None) -> dict:
         result["failed_stage"] = failed[0] if failed else None
         result["failure"] = ((log.read_text()[-1500:] if log and log.exists() else "") + "\n" + r.stderr[-1500:])
     (folder / "snakemake.log").write_text(r.stdout + r.stderr)
-    if not keep:  # cluster.h5ad too; logs and tables stay
+    if not keep and r.returncode == 0:  # cluster.h5ad too; logs and tables stay (a stopped run's can continue)
         for h5ad in (workdir / "results").rglob("*.h5ad"):
             h5ad.unlink()
         shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
@@ -167,6 +169,8 @@ def main() -> None:
                         f"Python {platform.python_version()}")
     for n in args.sizes:
         earlier = saved["runs"].get(str(n)) if args.resume else None
+        if args.resume and earlier is None:
+            raise SystemExit(f"--continue: no saved run of {n:,} cells in {store}")
         result = run_size(n, args.keep, earlier)
         saved["runs"][str(n)] = result
         store.write_text(json.dumps(saved, indent=2))

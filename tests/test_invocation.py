@@ -204,3 +204,22 @@ def test_a_jobs_openmp_threads_sleep_while_they_wait_unless_the_user_says(given,
     out = subprocess.run([sys.executable, "-c", code], env=env,
                          capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
     assert out == [expected, "[]\n"]
+
+
+def test_every_stage_script_imports_the_runner_before_anything_else():
+    """So that the runner's settings (the OpenMP wait above) precede every library a script loads."""
+    import ast
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    late = []
+    for script in sorted(scripts.glob("*.py")):
+        body = ast.parse(script.read_text()).body
+        imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))
+                   and getattr(node, "module", None) != "__future__"]
+        if "run_stage(" not in script.read_text():
+            continue  # download.py: no stage run, no computing library
+        first = imports[0]
+        if not (isinstance(first, ast.ImportFrom) and first.module == "cellatlas.runner"):
+            late.append(script.name)
+    assert late == []

@@ -25,11 +25,11 @@ from cellatlas.errors import CellAtlasError
 
 log = logging.getLogger("cellatlas")
 
-# OpenMP threads (torch's, scikit-learn's, numba's) that wait for work sleep instead of spinning.
-# A job seldom has its cores to itself: Snakemake runs several jobs on them, and a waiting thread
-# that spins holds a core another thread needs, so that a VAE fit beside two busy processes took
-# 17x as long (benchmarks/RESULTS.md). Alone, the fit is 3% slower. Each OpenMP runtime reads
-# this once, when it loads: here, before a script imports any of them; a user's own value stays.
+# OpenMP threads (torch's, scikit-learn's) that wait for work sleep instead of spinning. A job
+# seldom has its cores to itself: Snakemake runs several jobs on them, and a waiting thread that
+# spins holds a core another thread needs; beside two busy processes a VAE fit took 2x-17x as long
+# (benchmarks/RESULTS.md). Alone, that fit is 3-10% slower. Each OpenMP runtime reads this once,
+# when it loads: here, before a script imports any of them; a user's own value stays.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: third-party messages that say nothing about the user's results, silenced where they arise
