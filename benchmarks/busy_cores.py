@@ -26,8 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# each step's process starts as job_costs.py's do: the pipeline's library on the path, numba's cache on
+from job_costs import PRELUDE
+
 HERE = Path(__file__).resolve().parent
-SCRIPTS = HERE.parent / "workflow" / "scripts"
 OUT = HERE / "out" / "busy_cores"
 
 WORK = {
@@ -69,14 +71,6 @@ umap(a)
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
 """,
 }
-
-PRELUDE = f"""
-import sys, time
-sys.path.insert(0, {str(SCRIPTS)!r})
-from cellatlas._numba import enable_cache
-enable_cache({str(HERE.parent / ".snakemake" / "numba-cache")!r})
-"""
-
 
 def _spin(seconds: float) -> None:
     import time

@@ -214,11 +214,11 @@ def test_every_stage_script_imports_the_runner_before_anything_else():
     scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
     late = []
     for script in sorted(scripts.glob("*.py")):
-        body = ast.parse(script.read_text()).body
-        imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))
-                   and getattr(node, "module", None) != "__future__"]
-        if "run_stage(" not in script.read_text():
+        text = script.read_text()
+        if "run_stage(" not in text:
             continue  # download.py: no stage run, no computing library
+        imports = [node for node in ast.parse(text).body if isinstance(node, (ast.Import, ast.ImportFrom))
+                   and getattr(node, "module", None) != "__future__"]
         first = imports[0]
         if not (isinstance(first, ast.ImportFrom) and first.module == "cellatlas.runner"):
             late.append(script.name)
