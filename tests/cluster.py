@@ -234,11 +234,26 @@ class Services:
         )
         self._procs.append(proc)
         self.tracking_uri = f"http://127.0.0.1:{port}"
-        _wait(lambda: _port_open(port) or proc.poll() is not None, "mlflow server", timeout=120,
+        # ready is answering the API with credentials, not an open port: on a busy host the first
+        # requests of a fresh server took longer than the pipeline's own check waits
+        _wait(lambda: self._answers() or proc.poll() is not None, "mlflow server", timeout=300,
               log=self.root / "mlflow-server.log")
         if proc.poll() is not None:
             raise RuntimeError("mlflow server exited:\n" + (self.root / "mlflow-server.log").read_text()[-3000:])
         return self.tracking_uri
+
+    def _answers(self) -> bool:
+        import base64
+        import urllib.request
+
+        auth = ":".join((self.credentials["MLFLOW_TRACKING_USERNAME"], self.credentials["MLFLOW_TRACKING_PASSWORD"]))
+        request = urllib.request.Request(self.tracking_uri + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status == 200
+        except OSError:  # not listening yet, or an HTTP error (URLError and HTTPError are OSErrors)
+            return False
 
     # -- teardown -----------------------------------------------------------------------------
     def stop(self) -> None:

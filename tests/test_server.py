@@ -210,3 +210,23 @@ def test_a_server_opened_to_the_network_accepts_this_hosts_names_only_unless_tol
     assert cmd[cmd.index("--allowed-hosts") + 1] == "login01:5000"
     args.host, args.allowed_hosts = "127.0.0.1", None
     assert "--allowed-hosts" not in server_command(args)
+
+
+def test_the_server_runs_no_job_workers(server):
+    """MLflow's GenAI job runner (huey consumers) stays off: seven processes importing MLflow
+    slowed a 2-core host's first requests from 0.4 s to 3-5 s and starved a test's first check."""
+    import psutil
+
+    children = psutil.Process(server["pid"]).children(recursive=True)
+    assert children, "the server's web processes should be there"
+    assert not [p.cmdline() for p in children if "huey" in " ".join(p.cmdline())]
+
+
+def test_a_users_job_runner_setting_is_kept(tmp_path, monkeypatch):
+    from cellatlas.server import prepare
+
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", PASSWORD)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    assert prepare(tmp_path / "a")[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    assert prepare(tmp_path / "b")[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"

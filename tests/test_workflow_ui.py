@@ -176,18 +176,27 @@ def ui(two_invocations):
                 time.sleep(1)
         else:
             pytest.fail(f"mlflow ui did not start: {(workdir / 'ui.log').read_text()[-2000:]}")
-        yield browser, base
+        yield browser, base, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
 
 
+def test_the_ui_runs_no_job_workers(ui):
+    """MLflow's GenAI job runner (seven processes importing MLflow) stays off for the UI too."""
+    import psutil
+
+    children = psutil.Process(ui[2]).children(recursive=True)
+    assert children, "the UI's web server should be there"
+    assert not [p.cmdline() for p in children if "huey" in " ".join(p.cmdline())]
+
+
 @pytest.fixture(scope="module")
 def page(ui):
     from playwright.sync_api import sync_playwright
 
-    browser, base = ui
+    browser, base, _ = ui
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=browser, headless=True)

@@ -35,6 +35,7 @@ def view_lines(db: Path, base: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from cellatlas.server import job_runner_env
     from cellatlas.store import relocate
 
     parser = argparse.ArgumentParser(prog="cellatlas-ui", description=__doc__.splitlines()[0])
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cellatlas-ui: {' '.join(cmd)}", file=sys.stderr)
     for line in view_lines(db, f"http://{args.host}:{args.port}"):
         print(line, file=sys.stderr)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, {**os.environ, **job_runner_env()})
 
 
 if __name__ == "__main__":
