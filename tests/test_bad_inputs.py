@@ -674,7 +674,7 @@ def qc_with(qc: dict):
         # max_pct_mt (20) alone would then remove every cell, whatever the row's edit
         adata = canonical(n_cells=600, n_genes=1000, n_donors=4, seed=1)
         return lambda: run_qc(adata, "sim", mode=p["mode"], fixed=p["fixed"], nmads=p["nmads"], nmads_mt=p["nmads_mt"],
-                              min_cells=p["min_cells"], doublets=p["doublets"], remove_doublets=p["remove_doublets"])
+                              per_cluster=p["per_cluster"], min_cells=p["min_cells"], doublets=p["doublets"], remove_doublets=p["remove_doublets"])
 
     return build
 

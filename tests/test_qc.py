@@ -111,3 +111,66 @@ def test_metrics_block_by_block_are_scanpys(canonical):
     for column in ("mean_counts", "total_counts"):  # float32 running sums against float64 ones
         np.testing.assert_allclose(given.var[column], expected.var[column], rtol=1e-6)
         assert given.var[column].dtype == expected.var[column].dtype
+
+
+def _with_rare_small_type(n_rare: int = 40, keep_counts: float = 0.25):
+    """Simulated counts where one type is rare and its cells carry a quarter of the others' counts
+    (few genes, as platelets have): clean cells that a dataset-wide lower bound takes for empty ones."""
+    from cellatlas.ingest import canonicalize
+    from cellatlas.simulate import simulate_counts
+
+    a = simulate_counts(n_cells=1500, n_genes=800, n_types=5, n_donors=2, n_batches=1, seed=5)
+    types = a.obs["cell_type"].astype(str).to_numpy()
+    rare = types == types[0]
+    keep = ~rare | (np.cumsum(rare) <= n_rare)
+    a = a[keep].copy()
+    rare = rare[keep]
+    X = a.X.tocsr()
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    thin = np.random.default_rng(0).binomial(X.data.astype(np.int64), keep_counts)
+    X.data = np.where(rare[rows], thin, X.data).astype(X.data.dtype)
+    X.eliminate_zeros()
+    a.X = X
+    return canonicalize(a, "sim", label_key="cell_type", donor_key="donor"), types[0]
+
+
+def test_per_cluster_bounds_keep_a_small_population_the_datasets_bounds_remove():
+    a, rare = _with_rare_small_type()
+    kw = {"mode": "mad", "nmads": 3, "doublets": False}
+    whole = run_qc(a.copy(), "sim", per_cluster=False, **kw)
+    clustered = run_qc(a.copy(), "sim", per_cluster=True, **kw)
+    share = {name: res.removed.set_index(["by", "group"]).loc[("label", rare), "removed_share"]
+             for name, res in (("whole", whole), ("clustered", clustered))}
+    assert share["whole"] > 0.5 and whole.summary["labels_losing_most"] >= 1
+    assert share["clustered"] < 0.2 and clustered.summary["labels_losing_most"] == 0
+    assert clustered.summary["qc_clusters"] >= 5 and whole.summary["qc_clusters"] == 0
+
+
+def test_a_clusters_bounds_are_never_tighter_than_the_datasets(canonical):
+    res = run_qc(canonical.copy(), "sim", mode="mad", nmads=2, nmads_mt=2, doublets=False)
+    t = res.thresholds
+    dataset = t[t["group"] == "all"].set_index("metric")
+    clusters = t[t["group"] != "all"]
+    assert len(clusters) == res.summary["qc_clusters"] * len(dataset) > 0
+    for m, lo, hi in clusters[["metric", "lower", "upper"]].itertuples(index=False):
+        assert lo <= dataset.loc[m, "lower"] and hi >= dataset.loc[m, "upper"]
+    # each cell was judged by its own cluster's bounds
+    cells = res.cells
+    for g, part in cells.groupby("qc_cluster"):
+        bounds = clusters[clusters["group"] == g].set_index("metric")
+        inside = np.ones(len(part), dtype=bool)
+        for m in bounds.index:
+            inside &= (part[m] >= bounds.loc[m, "lower"]).to_numpy() & (part[m] <= bounds.loc[m, "upper"]).to_numpy()
+        np.testing.assert_array_equal(inside, part["passed_qc"].to_numpy())
+
+
+def test_removed_counts_add_up_per_label_and_per_cluster(canonical):
+    res = run_qc(canonical.copy(), "sim", mode="mad", nmads=2, doublets=False)
+    removed = int((~res.cells["passed_qc"]).sum())
+    assert removed > 0
+    for by in ("label", "qc_cluster"):
+        part = res.removed[res.removed["by"] == by]
+        assert part["removed"].sum() == removed and part["cells_in"].sum() == len(res.cells)
+    labels = res.removed[res.removed["by"] == "label"].set_index("group")
+    expected = (~res.cells["passed_qc"]).groupby(canonical.obs["label"].astype(str)).sum()
+    assert labels["removed"].to_dict() == expected.to_dict()

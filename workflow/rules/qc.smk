@@ -5,6 +5,7 @@ rule qc:
         h5ad=stage_h5ad("results/{dataset}/qc.h5ad"),
         thresholds="results/{dataset}/qc/thresholds.tsv",
         cells="results/{dataset}/qc/cells.tsv.gz",
+        removed="results/{dataset}/qc/removed.tsv",
         histograms=report(
             "results/{dataset}/qc/histograms.png", category="QC", subcategory="{dataset}",
             caption="../report/qc_histograms.rst",

@@ -20,17 +20,19 @@ def _save(fig, path: str) -> None:
 
 
 def qc_histograms(obs: pd.DataFrame, thresholds: pd.DataFrame, path: str, *, title: str = "") -> None:
-    """One histogram per QC metric with the applied bounds as red lines."""
+    """One histogram per QC metric with the dataset's bounds as red lines and, where QC bounded
+    each provisional cluster apart (a ``group`` other than ``all``), the clusters' as faint ones."""
     metrics = [m for m in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo") if m in obs]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-    bounds = thresholds.set_index("metric")
+    dataset = thresholds["group"] == "all" if "group" in thresholds else np.ones(len(thresholds), dtype=bool)
     for ax, m in zip(axes[0], metrics):
         v = obs[m].to_numpy(dtype=float)
         ax.hist(v, bins=60, color="#4C72B0")
-        if m in bounds.index:
-            for b in (bounds.loc[m, "lower"], bounds.loc[m, "upper"]):
+        rows = thresholds[thresholds["metric"] == m]
+        for is_dataset, lo, hi in zip(dataset[rows.index], rows["lower"], rows["upper"]):
+            for b in (lo, hi):
                 if np.isfinite(b):
-                    ax.axvline(b, color="#C44E52", lw=1.5)
+                    ax.axvline(b, color="#C44E52", lw=1.5 if is_dataset else 0.8, alpha=1.0 if is_dataset else 0.3)
         ax.set_xlabel(m)
         ax.set_ylabel("cells")
     fig.suptitle(title)

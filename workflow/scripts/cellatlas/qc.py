@@ -78,6 +78,23 @@ def mad_bounds(x: np.ndarray, nmads: float, *, lower: bool = True, upper: bool =
     return lo, hi
 
 
+#: the ``group`` of the dataset-wide bounds in the thresholds table
+ALL = "all"
+
+
+def _mad_rows(obs: pd.DataFrame, *, nmads: float, nmads_mt: float, counts: bool, cap: float | None) -> list[tuple]:
+    """MAD bounds of ``obs``'s cells: genes and counts on the log scale, both tails; the
+    mitochondrial share one-sided, capped by ``cap``."""
+    lo, hi = mad_bounds(np.log1p(obs["n_genes_by_counts"].to_numpy()), nmads)
+    rows = [("n_genes_by_counts", np.expm1(lo), np.expm1(hi))]
+    if counts:
+        lo, hi = mad_bounds(np.log1p(obs["total_counts"].to_numpy()), nmads)
+        rows.append(("total_counts", np.expm1(lo), np.expm1(hi)))
+        _, hi = mad_bounds(obs["pct_counts_mt"].to_numpy(), nmads_mt, lower=False)
+        rows.append(("pct_counts_mt", -np.inf, min(hi, cap) if cap is not None else hi))
+    return rows
+
+
 def thresholds(
     obs: pd.DataFrame,
     *,
@@ -86,32 +103,126 @@ def thresholds(
     nmads: float,
     nmads_mt: float,
     counts: bool,
+    groups: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The bounds applied to each metric: a table with ``metric``, ``lower``, ``upper``.
+    """The bounds applied to each metric: a table with ``group``, ``metric``, ``lower``, ``upper``,
+    ``n_outside`` (cells of the group outside them).
 
     MAD bounds on counts and genes are computed on the log scale (both tails); the
     mitochondrial bound is one-sided. ``fixed["max_pct_mt"]`` also caps the MAD bound.
+
+    With ``groups`` (mad mode; one provisional cluster per cell), each group also gets its own
+    MAD bounds, widened to the dataset's wherever the dataset's are wider: a cell is removed only
+    when it is an outlier among all cells and among cells like it. A small population that differs
+    from the rest (platelets' few genes, dendritic cells' many) keeps the bounds of its own
+    kind, and a homogeneous one (naive T cells' narrow spread) is not cut tighter than the dataset.
+    The ``all`` rows are the dataset's bounds, and ``n_outside`` there counts against them.
     """
-    rows = []
+    cap = fixed.get("max_pct_mt")
     if mode == "mad":
-        lo, hi = mad_bounds(np.log1p(obs["n_genes_by_counts"].to_numpy()), nmads)
-        rows.append(("n_genes_by_counts", np.expm1(lo), np.expm1(hi)))
-        if counts:
-            lo, hi = mad_bounds(np.log1p(obs["total_counts"].to_numpy()), nmads)
-            rows.append(("total_counts", np.expm1(lo), np.expm1(hi)))
-            _, hi = mad_bounds(obs["pct_counts_mt"].to_numpy(), nmads_mt, lower=False)
-            cap = fixed.get("max_pct_mt")
-            rows.append(("pct_counts_mt", -np.inf, min(hi, cap) if cap is not None else hi))
+        rows = _mad_rows(obs, nmads=nmads, nmads_mt=nmads_mt, counts=counts, cap=cap)
     else:
-        rows.append(("n_genes_by_counts", _or(fixed.get("min_genes"), -np.inf), _or(fixed.get("max_genes"), np.inf)))
+        rows = [("n_genes_by_counts", _or(fixed.get("min_genes"), -np.inf), _or(fixed.get("max_genes"), np.inf))]
         if counts:
             rows.append(("total_counts", _or(fixed.get("min_counts"), -np.inf), _or(fixed.get("max_counts"), np.inf)))
             rows.append(("pct_counts_mt", -np.inf, _or(fixed.get("max_pct_mt"), np.inf)))
-    table = pd.DataFrame(rows, columns=["metric", "lower", "upper"])
-    table["n_outside"] = [
-        int(((obs[m] < lo) | (obs[m] > hi)).sum()) for m, lo, hi in table[["metric", "lower", "upper"]].itertuples(index=False)
-    ]
-    return table
+    table = [(ALL, *row, _n_outside(obs, *row)) for row in rows]
+    if groups is not None and mode == "mad":
+        dataset = {m: (lo, hi) for m, lo, hi in rows}
+        for g in pd.unique(groups):
+            part = obs[groups == g]
+            for m, lo, hi in _mad_rows(part, nmads=nmads, nmads_mt=nmads_mt, counts=counts, cap=cap):
+                lo, hi = min(lo, dataset[m][0]), max(hi, dataset[m][1])
+                if m == "pct_counts_mt" and cap is not None:
+                    hi = min(hi, cap)
+                table.append((str(g), m, lo, hi, _n_outside(part, m, lo, hi)))
+    return pd.DataFrame(table, columns=["group", "metric", "lower", "upper", "n_outside"])
+
+
+def _n_outside(obs: pd.DataFrame, metric: str, lo: float, hi: float) -> int:
+    v = obs[metric].to_numpy()
+    return int(((v < lo) | (v > hi)).sum())
+
+
+def outside(obs: pd.DataFrame, table: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFrame:
+    """Per cell and metric, whether the cell is outside the bounds that apply to it (its group's
+    where ``table`` has them, else the dataset's)."""
+    out = pd.DataFrame(False, index=obs.index, columns=pd.unique(table["metric"]))
+    per_group = groups is not None and (table["group"] != ALL).any()
+    for g, m, lo, hi in table[["group", "metric", "lower", "upper"]].itertuples(index=False):
+        if (g == ALL) == per_group:
+            continue
+        cells = np.ones(len(obs), dtype=bool) if g == ALL else (groups.astype(str) == g)
+        v = obs[m].to_numpy()[cells]
+        out.loc[cells, m] = (v < lo) | (v > hi)
+    return out
+
+
+#: the provisional clusters QC's bounds follow: HVGs chosen on a sample of cells, then PCA, kNN
+#: graph and Leiden on all of them (scanpy, with the embed and cluster stages' own functions)
+PROVISIONAL = {"sample": 20_000, "n_top_genes": 2_000, "n_pcs": 30, "n_neighbors": 15, "resolution": 1.0}
+#: fewer cells than this: no provisional clusters, the dataset's bounds apply
+MIN_CELLS_CLUSTERS = 200
+
+
+def provisional_clusters(adata, *, counts: bool, seed: int = 0) -> np.ndarray:
+    """Leiden clusters of log-normalized HVG values, for per-cluster QC bounds.
+
+    The genes are picked on a seeded sample of at most ``PROVISIONAL["sample"]`` cells and their
+    columns are normalized block by block, so what this holds beside ``X`` is the HVG submatrix.
+    """
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    from cellatlas.cluster import leiden
+    from cellatlas.embed import neighbors, pca
+
+    p = PROVISIONAL
+    X = adata.X
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, p["sample"]), replace=False))
+    sub = ad.AnnData(sp.csr_matrix(X[sample], dtype=np.float32))
+    if counts:
+        sc.pp.normalize_total(sub, target_sum=1e4)
+        sc.pp.log1p(sub)
+    sc.pp.highly_variable_genes(sub, n_top_genes=min(p["n_top_genes"], adata.n_vars), flavor="seurat")
+    hvg = sub.var["highly_variable"].to_numpy(dtype=bool)
+    del sub
+    totals = adata.obs["total_counts"].to_numpy(dtype=np.float64)
+    blocks = []
+    for r0 in range(0, adata.n_obs, BLOCK):
+        block = sp.csr_matrix(X[r0:r0 + BLOCK], dtype=np.float32)[:, hvg]
+        if counts:
+            block = sp.csr_matrix(sp.diags(1e4 / np.maximum(totals[r0:r0 + BLOCK], 1)) @ block, dtype=np.float32)
+            np.log1p(block.data, out=block.data)
+        blocks.append(block)
+    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names),
+                     var=pd.DataFrame({"highly_variable": True}, index=adata.var_names[hvg]))
+    pca(tmp, n_pcs=p["n_pcs"], seed=seed, matrix=sp.vstack(blocks, format="csr"))
+    neighbors(tmp, n_neighbors=p["n_neighbors"], seed=seed)
+    leiden(tmp, resolutions=[p["resolution"]], seed=seed)
+    return tmp.obs[keys.leiden_key(p["resolution"])].astype(str).to_numpy()
+
+
+#: a labelled type that loses more than this share of its cells to QC is named in a warning
+NOTE_LABEL_LOSS = 0.5
+
+
+def removed_by_group(cells: pd.DataFrame, why: pd.DataFrame, groups: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per label and per provisional cluster: cells in, cells removed, the share, and how many
+    each metric's bounds removed (a cell can fall outside several)."""
+    frames = []
+    removed = ~cells["passed_qc"].to_numpy()
+    for by, values in groups.items():
+        frame = pd.DataFrame({"by": by, "group": values.astype(str), "removed": removed})
+        frame[[f"outside_{m}" for m in why.columns]] = why.to_numpy()
+        table = frame.groupby(["by", "group"], sort=True).agg(
+            cells_in=("removed", "size"), removed=("removed", "sum"),
+            **{c: (c, "sum") for c in frame.columns if c.startswith("outside_")})
+        table.insert(2, "removed_share", table["removed"] / table["cells_in"])
+        frames.append(table.reset_index())
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _or(value, default):
@@ -233,9 +344,10 @@ def _used_categories(frame: pd.DataFrame) -> pd.DataFrame:
 @dataclass
 class QCResult:
     adata: Any  #: the filtered AnnData
-    thresholds: pd.DataFrame  #: metric, lower, upper, n_outside
-    cells: pd.DataFrame  #: every input cell's metrics and whether it passed
+    thresholds: pd.DataFrame  #: group, metric, lower, upper, n_outside
+    cells: pd.DataFrame  #: every input cell's metrics, provisional cluster and whether it passed
     summary: dict[str, Any]
+    removed: pd.DataFrame  #: per label and provisional cluster, cells in and removed (:func:`removed_by_group`)
 
 
 def run_qc(
@@ -246,6 +358,7 @@ def run_qc(
     fixed: dict[str, Any] | None = None,
     nmads: float = 5.0,
     nmads_mt: float = 3.0,
+    per_cluster: bool = True,
     min_cells: int = 3,
     doublets: bool = True,
     remove_doublets: bool = False,
@@ -253,6 +366,9 @@ def run_qc(
     consume: bool = False,
 ):
     """Compute QC metrics, filter cells and genes, score doublets.
+
+    In mad mode with ``per_cluster``, the bounds follow provisional clusters (:func:`thresholds`)
+    on datasets of at least :data:`MIN_CELLS_CLUSTERS` cells.
 
     Returns
     -------
@@ -266,18 +382,28 @@ def run_qc(
     fixed = fixed or {}
     counts = adata.uns[keys.UNS_KEY]["ingest"]["values"] == keys.VALUES_COUNTS
     compute_metrics(adata)
-    table = thresholds(adata.obs, mode=mode, fixed=fixed, nmads=nmads, nmads_mt=nmads_mt, counts=counts)
-    keep = np.ones(adata.n_obs, dtype=bool)
-    for metric, lo, hi in table[["metric", "lower", "upper"]].itertuples(index=False):
-        v = adata.obs[metric].to_numpy()
-        keep &= (v >= lo) & (v <= hi)
+    clusters = None
+    if mode == "mad" and per_cluster and adata.n_obs >= MIN_CELLS_CLUSTERS:
+        clusters = provisional_clusters(adata, counts=counts, seed=seed)
+    table = thresholds(adata.obs, mode=mode, fixed=fixed, nmads=nmads, nmads_mt=nmads_mt, counts=counts,
+                       groups=clusters)
+    why = outside(adata.obs, table, clusters)
+    keep = ~why.any(axis=1).to_numpy()
     n_in, g_in = adata.n_obs, adata.n_vars
     metric_cols = ["n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo"]
     cells = adata.obs[metric_cols].copy()
     cells["passed_qc"] = keep
+    groups = {"label": adata.obs[keys.LABEL].astype(str).to_numpy()} if keys.LABEL in adata.obs else {}
+    if clusters is not None:
+        cells["qc_cluster"] = clusters
+        groups["qc_cluster"] = clusters
+    removed = removed_by_group(cells, why, groups)
     if not keep.any():
-        bounds = "; ".join(f"{m} in [{lo:.4g}, {hi:.4g}]" for m, lo, hi in table[["metric", "lower", "upper"]].itertuples(index=False))
-        raise InputDataError(dataset, f"no cells left after QC ({n_in} cells in; {bounds})")
+        dataset_rows = table[table["group"] == ALL]
+        bounds = "; ".join(f"{m} in [{lo:.4g}, {hi:.4g}]"
+                           for m, lo, hi in dataset_rows[["metric", "lower", "upper"]].itertuples(index=False))
+        where = " (the dataset's; each provisional cluster's are in qc/thresholds.tsv)" if clusters is not None else ""
+        raise InputDataError(dataset, f"no cells left after QC ({n_in} cells in; {bounds}{where})")
     genes = detected_in(adata.X, keep) >= min_cells
     if not genes.any():
         raise InputDataError(dataset, f"no genes detected in at least {min_cells} cells after QC")
@@ -289,7 +415,11 @@ def run_qc(
         "genes_in": g_in,
         "genes_kept": int(adata.n_vars),
         "count_based_qc": counts,
+        "qc_clusters": 0 if clusters is None else len(pd.unique(clusters)),
     }
+    if groups.get("label") is not None:
+        losing = removed[(removed["by"] == "label") & (removed["removed_share"] > NOTE_LABEL_LOSS)]
+        summary["labels_losing_most"] = len(losing)
     if not counts:
         summary["skipped"] = "input is log-normalized: total-count, mitochondrial and doublet QC need counts"
     if doublets and counts:
@@ -308,9 +438,10 @@ def run_qc(
             if adata.n_obs == 0:
                 raise InputDataError(dataset, "no cells left after removing predicted doublets")
     adata.uns.setdefault(keys.UNS_KEY, {})["qc"] = {
-        "params": {"mode": mode, "nmads": nmads, "nmads_mt": nmads_mt, "min_cells": min_cells, **{k: v for k, v in fixed.items() if v is not None}},
+        "params": {"mode": mode, "nmads": nmads, "nmads_mt": nmads_mt, "per_cluster": per_cluster, "min_cells": min_cells,
+                   **{k: v for k, v in fixed.items() if v is not None}},
         "summary": summary,
     }
     if doublets and counts:
         cells["doublet_score"] = adata.obs["doublet_score"].reindex(cells.index)
-    return QCResult(adata=adata, thresholds=table, cells=cells, summary=summary)
+    return QCResult(adata=adata, thresholds=table, cells=cells, summary=summary, removed=removed)
