@@ -28,10 +28,10 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install
 	$(BIN)/python -m pytest -v -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the unit tests, spread over the cores: no workflow run, no server, no cluster (under 3 minutes;
+# the unit tests, spread over the cores: no workflow run, server, cluster or real data (under 3 minutes;
 # for development). `make test` runs them all.
 test-fast: install
-	$(BIN)/python -m pytest -m "not workflow and not server" -n $(XDIST) -q
+	$(BIN)/python -m pytest -m "not workflow and not server and not shared_data" -n $(XDIST) -q
 
 # the MLflow UI over results/ on 127.0.0.1:5000, with a link per saved view
 ui: install

@@ -158,48 +158,57 @@ def outside(obs: pd.DataFrame, table: pd.DataFrame, groups: np.ndarray | None = 
     return out
 
 
-#: the provisional clusters QC's bounds follow: HVGs chosen on a sample of cells, then PCA, kNN
-#: graph and Leiden on all of them (scanpy, with the embed and cluster stages' own functions)
+#: the provisional clusters QC's bounds follow: HVGs and principal axes fitted on a seeded sample
+#: of cells, every cell projected onto them, then the kNN graph and Leiden (the embed and cluster
+#: stages' own functions) on all cells
 PROVISIONAL = {"sample": 20_000, "n_top_genes": 2_000, "n_pcs": 30, "n_neighbors": 15, "resolution": 1.0}
 #: fewer cells than this: no provisional clusters, the dataset's bounds apply
 MIN_CELLS_CLUSTERS = 200
 
 
+def _log_normalized(X, rows, totals: np.ndarray, counts: bool, genes: np.ndarray | None = None):
+    """log1p(counts / total * 1e4) of ``X[rows]`` (``genes`` columns only) as float32 CSR; values
+    already log-normalized are taken as they are."""
+    import scipy.sparse as sp
+
+    block = sp.csr_matrix(X[rows], dtype=np.float32)
+    if genes is not None:
+        block = block[:, genes]
+    if counts:
+        block = sp.csr_matrix(sp.diags(1e4 / np.maximum(totals[rows], 1)) @ block, dtype=np.float32)
+        np.log1p(block.data, out=block.data)
+    return block
+
+
 def provisional_clusters(adata, *, counts: bool, seed: int = 0) -> np.ndarray:
     """Leiden clusters of log-normalized HVG values, for per-cluster QC bounds.
 
-    The genes are picked on a seeded sample of at most ``PROVISIONAL["sample"]`` cells and their
-    columns are normalized block by block, so what this holds beside ``X`` is the HVG submatrix.
+    The genes and the PCA are fitted on a seeded sample of at most ``PROVISIONAL["sample"]`` cells
+    (all of them in a smaller dataset) and the cells are projected block by block: beside ``X``
+    this holds one block and the cells' coordinates, whatever the size of the dataset.
     """
     import anndata as ad
     import scanpy as sc
-    import scipy.sparse as sp
 
     from cellatlas.cluster import leiden
     from cellatlas.embed import neighbors, pca
 
     p = PROVISIONAL
-    X = adata.X
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, p["sample"]), replace=False))
-    sub = ad.AnnData(sp.csr_matrix(X[sample], dtype=np.float32))
-    if counts:
-        sc.pp.normalize_total(sub, target_sum=1e4)
-        sc.pp.log1p(sub)
-    sc.pp.highly_variable_genes(sub, n_top_genes=min(p["n_top_genes"], adata.n_vars), flavor="seurat")
-    hvg = sub.var["highly_variable"].to_numpy(dtype=bool)
-    del sub
+    X, n = adata.X, adata.n_obs
     totals = adata.obs["total_counts"].to_numpy(dtype=np.float64)
-    blocks = []
-    for r0 in range(0, adata.n_obs, BLOCK):
-        block = sp.csr_matrix(X[r0:r0 + BLOCK], dtype=np.float32)[:, hvg]
-        if counts:
-            block = sp.csr_matrix(sp.diags(1e4 / np.maximum(totals[r0:r0 + BLOCK], 1)) @ block, dtype=np.float32)
-            np.log1p(block.data, out=block.data)
-        blocks.append(block)
-    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names),
-                     var=pd.DataFrame({"highly_variable": True}, index=adata.var_names[hvg]))
-    pca(tmp, n_pcs=p["n_pcs"], seed=seed, matrix=sp.vstack(blocks, format="csr"))
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, p["sample"]), replace=False))
+    fit = ad.AnnData(_log_normalized(X, sample, totals, counts))
+    sc.pp.highly_variable_genes(fit, n_top_genes=min(p["n_top_genes"], adata.n_vars), flavor="seurat")
+    hvg = fit.var["highly_variable"].to_numpy(dtype=bool)
+    fit = ad.AnnData(fit.X[:, hvg], var=pd.DataFrame({"highly_variable": True}, index=adata.var_names[hvg]))
+    pca(fit, n_pcs=p["n_pcs"], scale=False, seed=seed)
+    axes = fit.varm["PCs"].astype(np.float64)
+    offset = np.asarray(fit.X.mean(axis=0), dtype=np.float64).ravel() @ axes
+    coords = np.empty((n, axes.shape[1]), dtype=np.float32)
+    for r0 in range(0, n, BLOCK):
+        rows = slice(r0, min(r0 + BLOCK, n))
+        coords[rows] = _log_normalized(X, rows, totals, counts, hvg) @ axes - offset
+    tmp = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names), obsm={"X_pca": coords})
     neighbors(tmp, n_neighbors=p["n_neighbors"], seed=seed)
     leiden(tmp, resolutions=[p["resolution"]], seed=seed)
     return tmp.obs[keys.leiden_key(p["resolution"])].astype(str).to_numpy()
