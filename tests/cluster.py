@@ -244,6 +244,7 @@ class Services:
 
     def _answers(self) -> bool:
         import base64
+        import http.client
         import urllib.request
 
         auth = ":".join((self.credentials["MLFLOW_TRACKING_USERNAME"], self.credentials["MLFLOW_TRACKING_PASSWORD"]))
@@ -252,7 +253,7 @@ class Services:
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status == 200
-        except OSError:  # not listening yet, or an HTTP error (URLError and HTTPError are OSErrors)
+        except (OSError, http.client.HTTPException):  # not listening yet, an HTTP error, a cut answer
             return False
 
     # -- teardown -----------------------------------------------------------------------------

@@ -212,3 +212,42 @@ def test_provisional_clusters_fitted_on_a_sample_follow_the_types(canonical, mon
     purity = pd.crosstab(clusters, a.obs["label"].to_numpy())
     assert len(purity) >= 3 and (purity.max(axis=1) / purity.sum(axis=1)).min() >= 0.9, purity
     np.testing.assert_array_equal(clusters, qc.provisional_clusters(a, counts=True, seed=0))
+
+
+def test_a_cell_without_counts_is_removed_and_the_bounds_still_hold(canonical):
+    """Its mitochondrial share is missing: it leaves no gap in the medians and no bound open."""
+    a = canonical.copy()
+    X = a.X.tolil()
+    X[0, :] = 0
+    a.X = X.tocsr()
+    res = run_qc(a, "sim", mode="mad", nmads=2, nmads_mt=2, doublets=False)
+    t = res.thresholds
+    assert np.isfinite(t.loc[t["metric"] == "pct_counts_mt", "upper"]).all()
+    assert not res.cells.loc[a.obs_names[0], "passed_qc"]
+    assert res.summary["cells_kept"] > 0.5 * a.n_obs
+
+
+def test_unlabelled_data_in_fixed_mode_writes_an_empty_table(canonical, tmp_path):
+    from conftest import ROOT
+
+    from cellatlas.chain import qc_stage
+    from cellatlas.config import validate
+
+    a = canonical.copy()
+    del a.obs["label"]
+    a.write_h5ad(tmp_path / "ingest.h5ad")
+    qc = {"mode": "fixed", "fixed": {"min_genes": 0, "max_pct_mt": None}}
+    p = validate({"datasets": {}, "qc": qc}, ROOT / "config" / "schema" / "config.schema.yaml")["qc"]
+    removed = qc_stage(str(tmp_path / "ingest.h5ad"), "sim", p, seed=0).tables["removed"]
+    assert removed.empty and {"by", "group", "cells_in", "removed", "removed_share"} <= set(removed.columns)
+
+
+def test_data_with_too_few_varying_genes_falls_back_to_the_datasets_bounds(canonical):
+    import scipy.sparse as sp
+
+    from cellatlas import qc
+
+    a = canonical[:, :8].copy()
+    a.X = sp.csr_matrix(np.ones(a.shape, dtype=a.X.dtype))  # every cell alike: nothing to cluster on
+    res = run_qc(a, "sim", mode="mad", nmads=5, doublets=False)
+    assert res.summary["qc_clusters"] == 0 and set(res.thresholds["group"]) == {qc.ALL}

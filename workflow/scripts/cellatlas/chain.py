@@ -37,7 +37,7 @@ def ingest_stage(dataset: str, spec: Mapping[str, Any], *, path: str | None) -> 
 def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Result:
     import anndata as ad
 
-    from cellatlas.qc import NOTE_LABEL_LOSS, run_qc
+    from cellatlas.qc import labels_losing_most, run_qc
 
     res = run_qc(
         ad.read_h5ad(h5ad), dataset, mode=p["mode"], fixed=p["fixed"], nmads=p["nmads"], nmads_mt=p["nmads_mt"],
@@ -51,8 +51,7 @@ def qc_stage(h5ad: str, dataset: str, p: Mapping[str, Any], *, seed: int) -> Res
     if removed > NOTE_QC_SHARE * res.summary["cells_in"]:  # worth a look: rare types go first
         notes.append(f"dataset '{dataset}': QC removed {removed} of {res.summary['cells_in']} cells "
                      f"({removed / res.summary['cells_in']:.1%}); see qc/thresholds.tsv and qc/cells.tsv.gz")
-    labels = res.removed[(res.removed["by"] == "label") & (res.removed["removed_share"] > NOTE_LABEL_LOSS)]
-    for label, n_in, n_out in labels[["group", "cells_in", "removed"]].itertuples(index=False):
+    for label, n_in, n_out in labels_losing_most(res.removed)[["group", "cells_in", "removed"]].itertuples(index=False):
         notes.append(f"dataset '{dataset}': QC removed {n_out} of the {n_in} cells labelled '{label}' "
                      f"({n_out / n_in:.0%}); see qc/removed.tsv")
     return Result(notes=notes,

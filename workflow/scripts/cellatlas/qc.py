@@ -70,9 +70,12 @@ def compute_metrics(adata, block: int | None = None) -> None:
 
 
 def mad_bounds(x: np.ndarray, nmads: float, *, lower: bool = True, upper: bool = True) -> tuple[float, float]:
-    """Median +- ``nmads`` median absolute deviations (unscaled MAD), one side optional."""
-    med = float(np.median(x))
-    mad = float(np.median(np.abs(x - med)))
+    """Median +- ``nmads`` median absolute deviations (unscaled MAD), one side optional.
+
+    Missing values (the mitochondrial share of a cell without counts) are left out of both
+    medians; such cells are outside any bound (:func:`outside`)."""
+    med = float(np.nanmedian(x))
+    mad = float(np.nanmedian(np.abs(x - med)))
     lo = med - nmads * mad if lower else -np.inf
     hi = med + nmads * mad if upper else np.inf
     return lo, hi
@@ -82,14 +85,19 @@ def mad_bounds(x: np.ndarray, nmads: float, *, lower: bool = True, upper: bool =
 ALL = "all"
 
 
+def _from_log(bounds: tuple[float, float]) -> tuple[float, float]:
+    """Log-scale bounds back on the counts' scale, a few ulps outward: expm1(log1p(8)) is not
+    always 8, and a group whose cells all have 8 genes (MAD 0) must not lose them to rounding."""
+    lo, hi = np.expm1(bounds[0]), np.expm1(bounds[1])
+    return float(lo - 1e-9 * abs(lo)), float(hi + 1e-9 * abs(hi))
+
+
 def _mad_rows(obs: pd.DataFrame, *, nmads: float, nmads_mt: float, counts: bool, cap: float | None) -> list[tuple]:
     """MAD bounds of ``obs``'s cells: genes and counts on the log scale, both tails; the
     mitochondrial share one-sided, capped by ``cap``."""
-    lo, hi = mad_bounds(np.log1p(obs["n_genes_by_counts"].to_numpy()), nmads)
-    rows = [("n_genes_by_counts", np.expm1(lo), np.expm1(hi))]
+    rows = [("n_genes_by_counts", *_from_log(mad_bounds(np.log1p(obs["n_genes_by_counts"].to_numpy()), nmads)))]
     if counts:
-        lo, hi = mad_bounds(np.log1p(obs["total_counts"].to_numpy()), nmads)
-        rows.append(("total_counts", np.expm1(lo), np.expm1(hi)))
+        rows.append(("total_counts", *_from_log(mad_bounds(np.log1p(obs["total_counts"].to_numpy()), nmads))))
         _, hi = mad_bounds(obs["pct_counts_mt"].to_numpy(), nmads_mt, lower=False)
         rows.append(("pct_counts_mt", -np.inf, min(hi, cap) if cap is not None else hi))
     return rows
@@ -132,16 +140,21 @@ def thresholds(
         for g in pd.unique(groups):
             part = obs[groups == g]
             for m, lo, hi in _mad_rows(part, nmads=nmads, nmads_mt=nmads_mt, counts=counts, cap=cap):
-                lo, hi = min(lo, dataset[m][0]), max(hi, dataset[m][1])
+                # fmin/fmax: a cluster whose cells all lack the metric takes the dataset's bounds
+                lo, hi = float(np.fmin(lo, dataset[m][0])), float(np.fmax(hi, dataset[m][1]))
                 if m == "pct_counts_mt" and cap is not None:
                     hi = min(hi, cap)
                 table.append((str(g), m, lo, hi, _n_outside(part, m, lo, hi)))
     return pd.DataFrame(table, columns=["group", "metric", "lower", "upper", "n_outside"])
 
 
+def _outside(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Not inside [lo, hi]: a missing value is outside."""
+    return ~((v >= lo) & (v <= hi))
+
+
 def _n_outside(obs: pd.DataFrame, metric: str, lo: float, hi: float) -> int:
-    v = obs[metric].to_numpy()
-    return int(((v < lo) | (v > hi)).sum())
+    return int(_outside(obs[metric].to_numpy(), lo, hi).sum())
 
 
 def outside(obs: pd.DataFrame, table: pd.DataFrame, groups: np.ndarray | None = None) -> pd.DataFrame:
@@ -149,12 +162,14 @@ def outside(obs: pd.DataFrame, table: pd.DataFrame, groups: np.ndarray | None = 
     where ``table`` has them, else the dataset's)."""
     out = pd.DataFrame(False, index=obs.index, columns=pd.unique(table["metric"]))
     per_group = groups is not None and (table["group"] != ALL).any()
+    names = np.asarray(groups).astype(str) if per_group else None
     for g, m, lo, hi in table[["group", "metric", "lower", "upper"]].itertuples(index=False):
         if (g == ALL) == per_group:
             continue
-        cells = np.ones(len(obs), dtype=bool) if g == ALL else (groups.astype(str) == g)
-        v = obs[m].to_numpy()[cells]
-        out.loc[cells, m] = (v < lo) | (v > hi)
+        cells = np.ones(len(obs), dtype=bool) if g == ALL else (names == g)
+        column = out[m].to_numpy(copy=True)
+        column[cells] = _outside(obs[m].to_numpy()[cells], lo, hi)
+        out[m] = column
     return out
 
 
@@ -162,8 +177,9 @@ def outside(obs: pd.DataFrame, table: pd.DataFrame, groups: np.ndarray | None = 
 #: of cells, every cell projected onto them, then the kNN graph and Leiden (the embed and cluster
 #: stages' own functions) on all cells
 PROVISIONAL = {"sample": 20_000, "n_top_genes": 2_000, "n_pcs": 30, "n_neighbors": 15, "resolution": 1.0}
-#: fewer cells than this: no provisional clusters, the dataset's bounds apply
+#: fewer cells (or varying genes) than this: no provisional clusters, the dataset's bounds apply
 MIN_CELLS_CLUSTERS = 200
+MIN_VARYING_GENES = 10
 
 
 def _log_normalized(X, rows, totals: np.ndarray, counts: bool, genes: np.ndarray | None = None):
@@ -180,12 +196,13 @@ def _log_normalized(X, rows, totals: np.ndarray, counts: bool, genes: np.ndarray
     return block
 
 
-def provisional_clusters(adata, *, counts: bool, seed: int = 0) -> np.ndarray:
+def provisional_clusters(adata, *, counts: bool, seed: int = 0) -> np.ndarray | None:
     """Leiden clusters of log-normalized HVG values, for per-cluster QC bounds.
 
     The genes and the PCA are fitted on a seeded sample of at most ``PROVISIONAL["sample"]`` cells
     (all of them in a smaller dataset) and the cells are projected block by block: beside ``X``
-    this holds one block and the cells' coordinates, whatever the size of the dataset.
+    this holds one block and the cells' coordinates, whatever the size of the dataset. None when
+    fewer than :data:`MIN_VARYING_GENES` genes vary: nothing to cluster on.
     """
     import anndata as ad
     import scanpy as sc
@@ -198,7 +215,11 @@ def provisional_clusters(adata, *, counts: bool, seed: int = 0) -> np.ndarray:
     totals = adata.obs["total_counts"].to_numpy(dtype=np.float64)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, p["sample"]), replace=False))
     fit = ad.AnnData(_log_normalized(X, sample, totals, counts))
-    sc.pp.highly_variable_genes(fit, n_top_genes=min(p["n_top_genes"], adata.n_vars), flavor="seurat")
+    varying = int((fit.X.max(axis=0) != fit.X.min(axis=0)).sum())
+    if varying < MIN_VARYING_GENES:
+        log.warning("QC: %d genes vary in the cells; no provisional clusters, the dataset's bounds apply", varying)
+        return None
+    sc.pp.highly_variable_genes(fit, n_top_genes=min(p["n_top_genes"], varying), flavor="seurat")
     hvg = fit.var["highly_variable"].to_numpy(dtype=bool)
     fit = ad.AnnData(fit.X[:, hvg], var=pd.DataFrame({"highly_variable": True}, index=adata.var_names[hvg]))
     pca(fit, n_pcs=p["n_pcs"], scale=False, seed=seed)
@@ -214,24 +235,35 @@ def provisional_clusters(adata, *, counts: bool, seed: int = 0) -> np.ndarray:
     return tmp.obs[keys.leiden_key(p["resolution"])].astype(str).to_numpy()
 
 
-#: a labelled type that loses more than this share of its cells to QC is named in a warning
+#: a labelled type of at least NOTE_LABEL_MIN_CELLS cells that loses more than NOTE_LABEL_LOSS
+#: of them to QC is named in the run's notes
 NOTE_LABEL_LOSS = 0.5
+NOTE_LABEL_MIN_CELLS = 10
 
 
-def removed_by_group(cells: pd.DataFrame, why: pd.DataFrame, groups: dict[str, np.ndarray]) -> pd.DataFrame:
+def labels_losing_most(removed: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`removed_by_group`'s table for labels that lost most of their cells."""
+    return removed[(removed["by"] == "label") & (removed["cells_in"] >= NOTE_LABEL_MIN_CELLS)
+                   & (removed["removed_share"] > NOTE_LABEL_LOSS)]
+
+
+def removed_by_group(cells: pd.DataFrame, why: pd.DataFrame, groups: dict[str, pd.Series]) -> pd.DataFrame:
     """Per label and per provisional cluster: cells in, cells removed, the share, and how many
-    each metric's bounds removed (a cell can fall outside several)."""
+    each metric's bounds removed (a cell can fall outside several). Cells without a value (no
+    label) are left out of that grouping; with no groups the table has its columns and no rows."""
+    outside_cols = [f"outside_{m}" for m in why.columns]
+    columns = ["by", "group", "cells_in", "removed", "removed_share", *outside_cols]
     frames = []
-    removed = ~cells["passed_qc"].to_numpy()
     for by, values in groups.items():
-        frame = pd.DataFrame({"by": by, "group": values.astype(str), "removed": removed})
-        frame[[f"outside_{m}" for m in why.columns]] = why.to_numpy()
-        table = frame.groupby(["by", "group"], sort=True).agg(
-            cells_in=("removed", "size"), removed=("removed", "sum"),
-            **{c: (c, "sum") for c in frame.columns if c.startswith("outside_")})
-        table.insert(2, "removed_share", table["removed"] / table["cells_in"])
-        frames.append(table.reset_index())
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        frame = pd.DataFrame({"group": values.to_numpy(), "removed": ~cells["passed_qc"].to_numpy()})
+        frame[outside_cols] = why.to_numpy()
+        frame = frame[frame["group"].notna()]
+        frame["group"] = frame["group"].astype(str)
+        table = frame.groupby("group", sort=True).agg(
+            cells_in=("removed", "size"), removed=("removed", "sum"), **{c: (c, "sum") for c in outside_cols})
+        table["removed_share"] = table["removed"] / table["cells_in"]
+        frames.append(table.reset_index().assign(by=by)[columns])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def _or(value, default):
@@ -397,21 +429,21 @@ def run_qc(
     table = thresholds(adata.obs, mode=mode, fixed=fixed, nmads=nmads, nmads_mt=nmads_mt, counts=counts,
                        groups=clusters)
     why = outside(adata.obs, table, clusters)
-    keep = ~why.any(axis=1).to_numpy()
+    keep = ~why.any(axis=1).to_numpy()  # a cell without a metric's value (no counts) is outside
     n_in, g_in = adata.n_obs, adata.n_vars
     metric_cols = ["n_genes_by_counts", "total_counts", "pct_counts_mt", "pct_counts_ribo"]
     cells = adata.obs[metric_cols].copy()
     cells["passed_qc"] = keep
-    groups = {"label": adata.obs[keys.LABEL].astype(str).to_numpy()} if keys.LABEL in adata.obs else {}
+    groups = {"label": adata.obs[keys.LABEL]} if keys.LABEL in adata.obs else {}
     if clusters is not None:
         cells["qc_cluster"] = clusters
-        groups["qc_cluster"] = clusters
+        groups["qc_cluster"] = cells["qc_cluster"]
     removed = removed_by_group(cells, why, groups)
     if not keep.any():
         dataset_rows = table[table["group"] == ALL]
         bounds = "; ".join(f"{m} in [{lo:.4g}, {hi:.4g}]"
                            for m, lo, hi in dataset_rows[["metric", "lower", "upper"]].itertuples(index=False))
-        where = " (the dataset's; each provisional cluster's are in qc/thresholds.tsv)" if clusters is not None else ""
+        where = ", or a provisional cluster's wider bounds" if clusters is not None else ""
         raise InputDataError(dataset, f"no cells left after QC ({n_in} cells in; {bounds}{where})")
     genes = detected_in(adata.X, keep) >= min_cells
     if not genes.any():
@@ -427,8 +459,7 @@ def run_qc(
         "qc_clusters": 0 if clusters is None else len(pd.unique(clusters)),
     }
     if groups.get("label") is not None:
-        losing = removed[(removed["by"] == "label") & (removed["removed_share"] > NOTE_LABEL_LOSS)]
-        summary["labels_losing_most"] = len(losing)
+        summary["labels_losing_most"] = len(labels_losing_most(removed))
     if not counts:
         summary["skipped"] = "input is log-normalized: total-count, mitochondrial and doublet QC need counts"
     if doublets and counts:
