@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from workflow_utils import child_commands
 
 from cellatlas import tracking
 
@@ -215,11 +216,9 @@ def test_a_server_opened_to_the_network_accepts_this_hosts_names_only_unless_tol
 def test_the_server_runs_no_job_workers(server):
     """MLflow's GenAI job runner (huey consumers) stays off: seven processes importing MLflow
     slowed a 2-core host's first requests from 0.4 s to 3-5 s and starved a test's first check."""
-    import psutil
-
-    children = psutil.Process(server["pid"]).children(recursive=True)
-    assert children, "the server's web processes should be there"
-    assert not [c for c in _cmdlines(children) if "huey" in c]
+    commands = child_commands(server["pid"])
+    assert commands, "the server's web processes should be there"
+    assert not [c for c in commands if "huey" in c]
 
 
 def test_a_users_job_runner_setting_is_kept(tmp_path, monkeypatch):
@@ -230,15 +229,3 @@ def test_a_users_job_runner_setting_is_kept(tmp_path, monkeypatch):
     assert prepare(tmp_path / "a")[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
     assert prepare(tmp_path / "b")[1]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
-
-
-def _cmdlines(processes) -> list[str]:
-    import psutil
-
-    lines = []
-    for p in processes:
-        try:
-            lines.append(" ".join(p.cmdline()))
-        except psutil.NoSuchProcess:  # ended while we looked: not a worker that stays
-            pass
-    return lines

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
-from workflow_utils import CONFIG, snakemake, write_config
+from workflow_utils import CONFIG, child_commands, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 CHANGED = "classify.classifiers.knn.params.n_neighbors"
@@ -185,11 +185,9 @@ def ui(two_invocations):
 
 def test_the_ui_runs_no_job_workers(ui):
     """MLflow's GenAI job runner (seven processes importing MLflow) stays off for the UI too."""
-    import psutil
-
-    children = psutil.Process(ui[2]).children(recursive=True)
-    assert children, "the UI's web server should be there"
-    assert not [c for c in _cmdlines(children) if "huey" in c]
+    commands = child_commands(ui[2])
+    assert commands, "the UI's web server should be there"
+    assert not [c for c in commands if "huey" in c]
 
 
 @pytest.fixture(scope="module")
@@ -283,15 +281,3 @@ def test_the_compare_view_of_two_invocations_shows_the_param_and_the_metrics(pag
     page.screenshot(path=str(ARTIFACTS / "compare-diff.png"), full_page=True)
     text = page.inner_text("body")
     assert CHANGED in text and "sim5k/cell_type/knn/macro_f1" in text and "seed" not in text.split("Parameters")[1][:400]
-
-
-def _cmdlines(processes) -> list[str]:
-    import psutil
-
-    lines = []
-    for p in processes:
-        try:
-            lines.append(" ".join(p.cmdline()))
-        except psutil.NoSuchProcess:  # ended while we looked: not a worker that stays
-            pass
-    return lines

@@ -87,3 +87,16 @@ CONFIG = {
     "atlas": {"atlases": {"a": {"reference": "sim5k", "queries": ["sim5k_q"]}}},
 }
 CONFIG["datasets"]["sim5k_q"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_3"]}}}
+
+
+def child_commands(pid: int) -> list[str]:
+    """The command lines of a process's descendants (a child that ends while we look is skipped)."""
+    import psutil
+
+    lines = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            lines.append(" ".join(child.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    return lines
