@@ -121,3 +121,14 @@ def test_two_matching_classify_tasks_ask_for_classify_task():
         validate(cfg, SCHEMA)
     cfg["atlas"]["atlases"]["a"]["classify_task"] = "ct2"
     validate(cfg, SCHEMA)
+
+
+@pytest.mark.parametrize("alpha, message", [(0, "less than or equal to the minimum of 0"),
+                                            (1, "greater than or equal to the maximum of 1")])
+def test_alpha_outside_zero_one_is_a_one_line_error(alpha, message):
+    cfg = _atlas_config({"reference": "ref", "queries": ["q"]})
+    cfg["atlas"]["alpha"] = alpha
+    with pytest.raises(ConfigError, match=rf"^config key 'atlas.alpha': {alpha} is {message}$"):
+        validate(cfg, SCHEMA)
+    cfg["atlas"]["alpha"] = 0.05
+    assert validate(cfg, SCHEMA)["atlas"]["alpha"] == 0.05

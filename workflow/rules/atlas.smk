@@ -1,6 +1,6 @@
 # Atlas mapping. A reference's fitted stages (PCA, UMAP, graph; the VAE; the best classifier) are
 # gathered once per atlas into a reference map; each query is placed on it and labelled by every
-# method, then the methods are compared. Jobs carry only the atlas fields they use, so adding a
+# method, calibrated on the reference cells each method did not see, then the methods are compared. Jobs carry only the atlas fields they use, so adding a
 # query reruns nothing of the reference or of the other queries.
 
 
@@ -43,6 +43,37 @@ rule atlas_reference_vae:
         LEARN_ENV
     script:
         "../scripts/atlas_reference_vae.py"
+
+
+rule atlas_calibrate:
+    input:
+        unpack(get_atlas_calibrate_input),
+    output:
+        heldout="results/atlas/{atlas}/calibration/{method}/heldout.tsv.gz",
+        reliability="results/atlas/{atlas}/calibration/{method}/reliability.tsv",
+        coverage="results/atlas/{atlas}/calibration/{method}/coverage.tsv",
+        figure=report(
+            "results/atlas/{atlas}/calibration/{method}/reliability.png",
+            caption="../report/atlas_calibration.rst",
+            category="Atlas",
+            subcategory="{atlas}",
+        ),
+        run="results/atlas/{atlas}/calibration/{method}/run.json",
+    wildcard_constraints:
+        method="projection|latent|classifier",
+    params:
+        reference=get_atlas_field("reference"),
+        alpha=config["atlas"]["alpha"],
+        n_neighbors=config["atlas"]["n_neighbors"],
+        seed=config["seed"],
+    log:
+        "results/atlas/{atlas}/logs/calibration/{method}.log",
+    benchmark:
+        "results/atlas/{atlas}/benchmarks/calibration/{method}.tsv"
+    conda:
+        LEARN_ENV
+    script:
+        "../scripts/atlas_calibrate.py"
 
 
 rule atlas_map:

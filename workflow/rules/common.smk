@@ -201,12 +201,33 @@ def get_atlas_vae_input(wildcards):
     return f"results/{spec['reference']}/train/vae/embedding.h5ad"
 
 
+def get_atlas_calibrate_input(wildcards):
+    """What a method's calibration reads: the map (the kNN methods) or the best classifier's
+    out-of-fold predictions (named predictions_<model>; the comparison names the best)."""
+    spec = get_atlas(wildcards)
+    ref = spec["reference"]
+    if wildcards.method not in spec["methods"]:
+        raise WorkflowError(f"atlas '{wildcards.atlas}': method '{wildcards.method}' is not in its methods")
+    if wildcards.method == "classifier":
+        base = f"results/{ref}/classify/{spec['classify_task']}"
+        models = get_tasks()[(ref, spec["classify_task"])]["models"]
+        return {"comparison": f"{base}/comparison/models.tsv",
+                **{f"predictions_{m}": f"{base}/models/{m}/predictions.tsv.gz" for m in models}}
+    inputs = {"reference": f"results/atlas/{wildcards.atlas}/reference.h5ad"}
+    if wildcards.method == "latent":
+        inputs["reference_vae"] = f"results/atlas/{wildcards.atlas}/reference_vae.h5ad"
+    return inputs
+
+
 def get_atlas_map_input(wildcards):
     spec = get_atlas(wildcards)
     ref = spec["reference"]
+    calibration = f"results/atlas/{wildcards.atlas}/calibration/{wildcards.method}"
     inputs = {
         "reference": f"results/atlas/{wildcards.atlas}/reference.h5ad",
         "query": f"results/{wildcards.dataset}/normalize.h5ad",
+        "heldout": f"{calibration}/heldout.tsv.gz",
+        "calibration": f"{calibration}/run.json",
     }
     if wildcards.method not in spec["methods"]:
         raise WorkflowError(f"atlas '{wildcards.atlas}': method '{wildcards.method}' is not in its methods")

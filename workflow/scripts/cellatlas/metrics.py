@@ -1,10 +1,12 @@
-"""The scores of a prediction, one definition for every model kind (scikit-learn or Lightning)."""
+"""The scores of a prediction, one definition for every model kind (scikit-learn or Lightning),
+and how well its confidence is calibrated."""
 
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
+import pandas as pd
 
 from cellatlas import keys
 
@@ -29,3 +31,30 @@ def scores(kind: str, y_true, y_pred) -> dict[str, float]:
         "mse": float(skm.mean_squared_error(y_true, y_pred)),
         "mae": float(skm.mean_absolute_error(y_true, y_pred)),
     }
+
+
+#: bins of a reliability table (equal width on [0, 1])
+N_BINS = 10
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> pd.DataFrame:
+    """Confidence bins against observed accuracy: ``bin``, ``lower``, ``upper``, ``n_cells``,
+    ``mean_confidence``, ``accuracy`` (NaN for an empty bin). A bin holds [lower, upper); 1 is in
+    the last (torchmetrics' binning)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    b = np.clip(np.digitize(confidence, edges, right=False) - 1, 0, n_bins - 1)
+    n = np.bincount(b, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(b, weights=confidence, minlength=n_bins) / n
+        acc = np.bincount(b, weights=correct, minlength=n_bins) / n
+    return pd.DataFrame({"bin": np.arange(n_bins), "lower": edges[:-1], "upper": edges[1:], "n_cells": n,
+                         "mean_confidence": conf, "accuracy": acc})
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """Sum over bins of the share of cells times |accuracy - mean confidence| (a :func:`reliability` table)."""
+    full = table[table["n_cells"] > 0]
+    w = full["n_cells"] / full["n_cells"].sum()
+    return float((w * (full["accuracy"] - full["mean_confidence"]).abs()).sum())

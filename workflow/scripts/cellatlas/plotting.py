@@ -343,3 +343,30 @@ def integration_scores(table: pd.DataFrame, path: str, *, title: str = "") -> No
         ax.axvline(x, color="white", lw=3)
     ax.set_title(title + "\n(batch correction | biological conservation | aggregates; * chosen)", fontsize=10)
     _save(fig, path)
+
+
+def reliability(table: pd.DataFrame, coverage: pd.DataFrame, path: str, *, alpha: float, title: str = "") -> None:
+    """Left: observed accuracy against confidence per bin, raw and calibrated (marker area: cells),
+    on the diagonal of perfect calibration. Right: each label's coverage of its prediction sets
+    against the promised 1 - alpha."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.5, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+    for name, color in (("raw", "#C44E52"), ("calibrated", "#4C72B0")):
+        rows = table[(table["confidence"] == name) & (table["n_cells"] > 0)]
+        size = 15 + 200 * rows["n_cells"] / max(table["n_cells"].max(), 1)
+        ax.plot(rows["mean_confidence"], rows["accuracy"], color=color, lw=1, alpha=0.7)
+        ax.scatter(rows["mean_confidence"], rows["accuracy"], s=size, color=color, label=name, alpha=0.8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("share right (held-out reference cells)")
+    ax.legend(fontsize=8, loc="upper left")
+    per = coverage[coverage["label"] != "all"]
+    bx.barh(range(len(per)), per["coverage"], color="#4C72B0")
+    bx.axvline(1 - alpha, color="#C44E52", lw=1.2, label=f"1 - alpha = {1 - alpha:g}")
+    bx.set_yticks(range(len(per)), [f"{lab} ({n})" for lab, n in zip(per["label"], per["n_cells"])], fontsize=8)
+    bx.set_xlim(0, 1)
+    bx.set_xlabel("coverage of the prediction sets")
+    bx.legend(fontsize=8, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

@@ -14,13 +14,16 @@ from cellatlas.atlas import UNASSIGNED
 log = logging.getLogger(__name__)
 
 
-def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Sequence[str]):
+def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Sequence[str],
+             label_set: pd.Series | None = None):
     """Scores of transferred labels against the query's own labels.
 
     Accuracy, balanced accuracy and macro-F1 are over the query cells whose label the
     reference has (an unassigned cell counts as wrong there); cells of other labels ("novel")
-    should come out unassigned. Returns (metrics, per-label table, crosstab of predicted by
-    query label); without query labels, only the assignment rates and an empty crosstab.
+    should come out unassigned. With prediction sets (``label_set``: labels joined by '|'), the
+    share of shared-type cells whose set holds their label (``set_coverage``) and of novel-type
+    cells whose set is empty (``empty_set_novel``). Returns (metrics, per-label table, crosstab of
+    predicted by query label); without query labels, only the assignment rates and an empty crosstab.
     """
     import sklearn.metrics as skm
 
@@ -46,6 +49,14 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
         })
     if novel.any():
         metrics["unassigned_novel"] = float(np.mean(pred[novel] == UNASSIGNED))
+    covered = None
+    if label_set is not None:
+        sets = label_set.fillna("").astype(str).to_numpy()
+        covered = np.array([t in s.split("|") for t, s in zip(true, sets)])
+        if shared.any():
+            metrics["set_coverage"] = float(covered[shared].mean())
+        if novel.any():
+            metrics["empty_set_novel"] = float(np.mean(sets[novel] == ""))
     rows = []
     for label in sorted(np.unique(true[labelled])):
         sel = labelled & (true == label)
@@ -54,7 +65,9 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
         rows.append({"query_label": label, "in_reference": label in ref, "n_cells": int(sel.sum()),
                      "recall": float(np.mean(p == label)) if label in ref else np.nan,
                      "unassigned": float(np.mean(p == UNASSIGNED)),
-                     "most_common": str(top.index[0]), "most_common_fraction": float(top.iloc[0] / sel.sum())})
+                     "most_common": str(top.index[0]), "most_common_fraction": float(top.iloc[0] / sel.sum()),
+                     **({"set_coverage": float(covered[sel].mean()) if label in ref else np.nan}
+                        if covered is not None else {})})
     crosstab = pd.crosstab(pd.Series(true[labelled], name="query_label"), pd.Series(pred[labelled], name="predicted"))
     order = [c for c in sorted(reference_labels) if c in crosstab.columns] + \
             [c for c in crosstab.columns if c not in ref and c != UNASSIGNED] + \

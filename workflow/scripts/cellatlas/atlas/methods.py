@@ -13,6 +13,7 @@ from cellatlas import keys
 from cellatlas.errors import AtlasError
 
 from cellatlas.atlas import GRAPH, METHODS, PCA, UMAP, UNASSIGNED, VAE, VAE_UMAP
+from cellatlas.atlas.calibration import Calibration, HeldOut, heldout_folds, label_sets
 from cellatlas.atlas.genes import GeneAlignment, align_genes, check_overlap
 from cellatlas.atlas.reference import MIN_LABEL_CELLS, mahalanobis, proximity
 
@@ -99,9 +100,20 @@ def place_in_umap(ref, rep: str, query_rep: np.ndarray, *, seed: int = 0, exact:
     return np.asarray(ing._obsm["X_umap"], dtype=np.float32)
 
 
-def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> pd.DataFrame:
+def vote_shares(neighbour_codes: np.ndarray, n_labels: int) -> np.ndarray:
+    """Each row's share of its neighbours per label (an unlabelled neighbour, code -1, votes for none)."""
+    n, k = neighbour_codes.shape
+    votes = np.zeros((n, n_labels))
+    rows = np.repeat(np.arange(n), k)
+    ok = neighbour_codes.ravel() >= 0
+    np.add.at(votes, (rows[ok], neighbour_codes.ravel()[ok]), 1.0)
+    return votes / k
+
+
+def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Labels of ``query_rep``'s k nearest reference cells, with agreement and proximity
-    (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``)."""
+    (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``), and the vote shares
+    (cells x the reference's labels)."""
     # Exact neighbours for the vote: Ingest's own search (pynndescent, seeded from the reference
     # graph) returned wrong neighbours for 12% of a simulated query, exact search for none.
     indices, _ = ExactSearch(ref.obsm[rep]).query(query_rep, k=min(int(n_neighbors), ref.n_obs))
@@ -109,13 +121,9 @@ def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> p
     labels = ref.obs[keys.LABEL]
     codes = labels.cat.codes.to_numpy()
     categories = np.asarray(labels.cat.categories.astype(str))
-    votes_of = codes[indices]
-    votes = np.zeros((len(query_rep), len(categories)))
-    rows = np.repeat(np.arange(len(query_rep)), votes_of.shape[1])
-    ok = votes_of.ravel() >= 0  # an unlabelled reference cell votes for nothing
-    np.add.at(votes, (rows[ok], votes_of.ravel()[ok]), 1.0)
+    votes = vote_shares(codes[indices], len(categories))
     best = votes.argmax(axis=1)
-    agreement = votes.max(axis=1) / votes_of.shape[1]
+    agreement = votes.max(axis=1)
 
     means, precisions = ref.uns[f"{rep}_label_means"], ref.uns[f"{rep}_label_precisions"]
     null = ref.obs[f"{rep}_mahalanobis"].to_numpy()
@@ -129,7 +137,42 @@ def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> p
         distance[rows] = mahalanobis(query_rep[rows], means[c], precisions[c])
         near[rows] = proximity(distance[rows], reference)
     return pd.DataFrame({"best_label": categories[best], "agreement": agreement, "proximity": near,
-                         "mahalanobis": distance})
+                         "mahalanobis": distance}), votes
+
+
+def heldout_knn(ref, rep: str, *, n_neighbors: int, seed: int = 0) -> HeldOut:
+    """The reference's held-out cells for a kNN method: each labelled by the reference cells of
+    the other folds (folds grouped by the map's ``group``, its donors or batches, where it has one)."""
+    labels = ref.obs[keys.LABEL]
+    fold, held = heldout_folds(labels, ref.obs["group"] if "group" in ref.obs else None, seed=seed)
+    codes = labels.cat.codes.to_numpy()
+    categories = np.asarray(labels.cat.categories.astype(str))
+    X = np.asarray(ref.obsm[rep], dtype=np.float32)
+    parts = []
+    for f in np.unique(fold[held]):
+        test = np.flatnonzero(held & (fold == f))
+        train = np.flatnonzero((fold != f) & (codes >= 0))
+        indices, _ = ExactSearch(X[train]).query(X[test], k=min(int(n_neighbors), len(train)))
+        votes = vote_shares(codes[train][indices], len(categories))
+        part = pd.DataFrame({"label": categories[codes[test]], "fold": f, "best_label": categories[votes.argmax(axis=1)],
+                             "confidence": votes.max(axis=1)}, index=ref.obs_names[test])
+        parts.append(pd.concat([part, pd.DataFrame(votes, index=part.index, columns=[f"score_{c}" for c in categories])],
+                               axis=1))
+    table = pd.concat(parts).loc[ref.obs_names[held]]
+    table.index.name = "cell"
+    return HeldOut(table)
+
+
+def heldout_classifier(predictions: pd.DataFrame) -> HeldOut:
+    """The classifier's held-out cells: the classify stage's out-of-fold predictions (its folds)."""
+    oof = predictions[predictions["source"] == "out_of_fold"]
+    probs = [c for c in oof.columns if c.startswith("prob_")]
+    classes = np.asarray([c[len("prob_"):] for c in probs])
+    P = oof[probs].to_numpy(dtype=np.float64)
+    table = pd.DataFrame({"label": oof["target"].astype(str).to_numpy(), "fold": oof["test_fold"].to_numpy(),
+                          "best_label": classes[P.argmax(axis=1)], "confidence": P.max(axis=1)},
+                         index=pd.Index(oof["cell"].astype(str).to_numpy(), name="cell"))
+    return HeldOut(pd.concat([table, pd.DataFrame(P, index=table.index, columns=[f"score_{c}" for c in classes])], axis=1))
 
 
 def encode_latent(plan, counts: sp.csr_matrix) -> np.ndarray:
@@ -147,22 +190,44 @@ def encode_latent(plan, counts: sp.csr_matrix) -> np.ndarray:
     return plan.cpu().embed(every)
 
 
-def classifier_transfer(model, X_aligned) -> pd.DataFrame:
-    """The classify-stage pipeline's prediction: ``best_label`` and its probability."""
+def classifier_transfer(model, X_aligned) -> tuple[pd.DataFrame, np.ndarray]:
+    """The classify-stage pipeline's prediction: ``best_label`` and its probability; the class
+    probabilities (cells x ``model.classes_``)."""
     proba = model.predict_proba(X_aligned)
     classes = np.asarray(model.classes_).astype(str)
     best = proba.argmax(axis=1)
-    return pd.DataFrame({"best_label": classes[best], "probability": proba[np.arange(len(best)), best]})
+    return pd.DataFrame({"best_label": classes[best], "probability": proba[np.arange(len(best)), best]}), proba
 
 
-def assign(table: pd.DataFrame, *, min_confidence: float) -> pd.DataFrame:
-    """``confidence`` (agreement x proximity, or the probability) and ``predicted`` (or unassigned)."""
+def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
+           calibration: Calibration | None = None) -> pd.DataFrame:
+    """``confidence``, ``label_set``, ``set_size`` and ``predicted`` (or unassigned).
+
+    ``confidence`` is the calibrated chance that ``best_label`` is right (the raw agreement or
+    probability, ``raw_confidence``, without a calibration); ``scores`` (cells x the
+    calibration's classes) give the prediction sets. A cell is unassigned when its confidence,
+    times its proximity for the kNN methods, is below ``min_confidence``.
+    """
     out = table.copy()
-    if "probability" in out:
-        out["confidence"] = out["probability"]
+    out["raw_confidence"] = out["probability"] if "probability" in out else out["agreement"]
+    if calibration is None:
+        out["confidence"] = out["raw_confidence"]
     else:
-        out["confidence"] = out["agreement"] * out["proximity"]
-    out["predicted"] = np.where(out["confidence"] >= min_confidence, out["best_label"], UNASSIGNED)
+        out["confidence"], sets = calibration.apply(out["raw_confidence"].to_numpy(), scores)
+        out["label_set"] = label_sets(sets, np.asarray(calibration.classes))
+        out["set_size"] = sets.sum(axis=1)
+    support = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
+    out["predicted"] = np.where(support >= min_confidence, out["best_label"], UNASSIGNED)
+    return out
+
+
+def _in_order(scores: np.ndarray, classes, order) -> np.ndarray:
+    """``scores``' columns (``classes``) in ``order``; 0 for a class it lacks."""
+    index = {str(c): j for j, c in enumerate(classes)}
+    out = np.zeros((scores.shape[0], len(order)))
+    for i, c in enumerate(order):
+        if str(c) in index:
+            out[:, i] = scores[:, index[str(c)]]
     return out
 
 
@@ -191,14 +256,14 @@ def _blocks(n: int):
 
 def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_neighbors: int = 15,
               min_confidence: float = 0.5, min_shared_genes: int = 100, seed: int = 0, vae_checkpoint: str | None = None,
-              model=None):
+              model=None, calibration: Calibration | None = None):
     """Map ``q`` (the query's normalize.h5ad) onto the map ``ref`` with one method.
 
     Every method places the cells in the reference PCA (``obsm["X_atlas_pca"]``); projection and
     classifier in its UMAP (``X_atlas_umap``), latent in the VAE space and its UMAP instead
     (``X_atlas_vae``, ``X_atlas_umap_vae``). ``ref`` must hold the VAE part for the latent method. Returns the per-cell table (``predicted``,
-    ``best_label``, ``confidence`` and the method's parts of it), the obsm entries and a
-    summary of the gene alignment.
+    ``best_label``, ``confidence`` and the method's parts of it, and with a ``calibration`` the
+    prediction sets), the obsm entries and a summary of the gene alignment.
     """
     if method not in METHODS:
         raise AtlasError(atlas, f"unknown method '{method}' (methods: {', '.join(METHODS)})")
@@ -224,12 +289,14 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
         lib = np.asarray(counts[:, sub.columns[sub.present]].sum(axis=1)).ravel() / max(share[sub.present].sum(), 1e-12)
         latent = np.vstack([encode_latent(plan, sub.matrix(counts[rows], fill=share, row_scale=lib[rows]))
                             for rows in _blocks(q.n_obs)])
-        table = knn_transfer(ref, VAE, latent, n_neighbors=n_neighbors)
+        table, scores = knn_transfer(ref, VAE, latent, n_neighbors=n_neighbors)
+        classes = ref.obs[keys.LABEL].cat.categories
         obsm.update({"X_atlas_vae": latent, "X_atlas_umap_vae": place_in_umap(ref, VAE, latent, seed=seed)})
     else:
         obsm["X_atlas_umap"] = place_in_umap(ref, PCA, pcs, seed=seed)
         if method == "projection":
-            table = knn_transfer(ref, PCA, pcs, n_neighbors=n_neighbors)
+            table, scores = knn_transfer(ref, PCA, pcs, n_neighbors=n_neighbors)
+            classes = ref.obs[keys.LABEL].cat.categories
         else:
             n_features = getattr(model, "n_features_in_", ref.n_vars)
             if n_features != ref.n_vars:
@@ -238,8 +305,11 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
             info["n_shared_model_genes"] = check_overlap(align, np.ones(ref.n_vars, bool), what="the classifier", **where)
             # a gene the query lacks is set to its reference mean
             fill = ref.var["mean"].to_numpy()
-            table = pd.concat([classifier_transfer(model, align.matrix(q.X[rows], fill=fill))
-                               for rows in _blocks(q.n_obs)], ignore_index=True)
-    table = assign(table, min_confidence=min_confidence)
+            parts = [classifier_transfer(model, align.matrix(q.X[rows], fill=fill)) for rows in _blocks(q.n_obs)]
+            table = pd.concat([t for t, _ in parts], ignore_index=True)
+            scores, classes = np.vstack([p for _, p in parts]), np.asarray(model.classes_).astype(str)
+    if calibration is not None:
+        scores = _in_order(scores, classes, calibration.classes)
+    table = assign(table, scores, min_confidence=min_confidence, calibration=calibration)
     table.index = q.obs_names
     return table, obsm, info

@@ -87,7 +87,7 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: 
 
     The map has no expression matrix: ``var`` holds each gene's mean and sd (log-normalized),
     ``highly_variable``, its id, and its mean share of a cell's counts; ``varm["PCs"]``; ``obs``
-    the label; ``obsm`` the PCA and UMAP coordinates; ``obsp`` the kNN distances; ``uns`` the
+    the label and the cell's donor (else batch) as ``group``; ``obsm`` the PCA and UMAP coordinates; ``obsp`` the kNN distances; ``uns`` the
     label Gaussians and the median library size.
     """
     import anndata as ad
@@ -120,6 +120,11 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: 
         var["count_share"] = np.asarray(sp.diags(1.0 / lib).dot(counts).mean(axis=0)).ravel()
     obs = pd.DataFrame({keys.LABEL: pd.Categorical(labels.astype("string").astype(object).where(labels.notna(), None))},
                        index=adata.obs_names.copy())
+    # the folds of the held-out cells the mapping is calibrated on are grouped by it
+    for key in (keys.DONOR, keys.BATCH):
+        if key in adata.obs:
+            obs["group"] = adata.obs[key].astype(str).to_numpy()
+            break
     out = ad.AnnData(obs=obs, var=var, obsm={PCA: adata.obsm[PCA], UMAP: adata.obsm[UMAP]},
                      varm={"PCs": adata.varm["PCs"]})
     out.obsp[GRAPH[PCA]] = sp.csr_matrix(adata.obsp["distances"])

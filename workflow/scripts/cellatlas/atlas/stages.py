@@ -12,7 +12,7 @@ import pandas as pd
 from cellatlas import keys, naming, plotting
 from cellatlas.stage import DatasetInput, Result, plot
 
-from cellatlas.atlas import UMAP, VAE_UMAP
+from cellatlas.atlas import PCA, UMAP, VAE, VAE_UMAP
 from cellatlas.atlas.evaluate import agreement_between, evaluate
 from cellatlas.atlas.methods import map_query
 from cellatlas.atlas.reference import build_reference, build_reference_vae, with_vae
@@ -46,14 +46,49 @@ def best_model(comparison: str) -> str:
     return str(table.sort_values("rank")["model"].iloc[0])
 
 
+def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: str, alpha: float,
+                    n_neighbors: int, seed: int = 0, reference_vae: str | None = None, comparison: str | None = None,
+                    predictions: Mapping[str, str] | None = None) -> Result:
+    """The atlas_calibrate rule: a method's held-out reference cells, its calibration and
+    prediction sets measured on them by cross-fitting (:mod:`cellatlas.atlas.calibration`)."""
+    import anndata as ad
+
+    from cellatlas.atlas.calibration import check_heldout, cross_fit, summarize
+    from cellatlas.atlas.methods import heldout_classifier, heldout_knn
+
+    chosen = ""
+    if method == "classifier":
+        chosen = best_model(comparison)
+        held = heldout_classifier(pd.read_csv(predictions[chosen], sep="\t"))
+    else:
+        ref = ad.read_h5ad(reference_map)
+        if method == "latent":
+            ref = with_vae(ref, ad.read_h5ad(reference_vae))
+        held = heldout_knn(ref, VAE if method == "latent" else PCA, n_neighbors=n_neighbors, seed=seed)
+    check_heldout(held, atlas=atlas, method=method, alpha=alpha)
+    crossed = cross_fit(held, alpha=alpha, seed=seed)
+    metrics, table, coverage = summarize(crossed, alpha=alpha)
+    heldout = pd.concat([crossed, held.table.filter(like="score_")], axis=1)
+    title = f"atlas {atlas}: {method}" + (f" ({chosen})" if chosen else "") + f", {len(heldout)} held-out reference cells"
+    log.info("atlas %s, method %s: %s", atlas, method, metrics)
+    return Result(metrics=metrics, params={"best_model": chosen} if chosen else {},
+                  tables={"heldout": heldout.reset_index(), "reliability": table, "coverage": coverage},
+                  figures={"figure": plot(plotting.reliability, table, coverage, alpha=alpha, title=title)})
+
+
 def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str, query: str, method: str,
-              mapping: Mapping[str, Any], seed: int = 0, reference_vae: str | None = None,
-              vae_checkpoint: str | None = None, comparison: str | None = None,
+              mapping: Mapping[str, Any], heldout: str, calibration: str, seed: int = 0,
+              reference_vae: str | None = None, vae_checkpoint: str | None = None, comparison: str | None = None,
               models: Mapping[str, str] | None = None) -> Result:
-    """The atlas_map rule: map one query with one method, evaluate, plot."""
+    """The atlas_map rule: map one query with one method, calibrated on the method's held-out
+    reference cells (``heldout``, the atlas_calibrate table; ``calibration``, its run record); evaluate, plot."""
+    import json
+    from pathlib import Path
+
     import anndata as ad
     import joblib
 
+    from cellatlas.atlas.calibration import HeldOut
 
     ref = ad.read_h5ad(reference_map)
     if reference_vae:
@@ -63,12 +98,20 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
     if method == "classifier":
         chosen = best_model(comparison)
         model = joblib.load(models[chosen])
+    held = HeldOut(pd.read_csv(heldout, sep="\t", index_col="cell"))
+    fitted = held.fit(alpha=mapping["alpha"], seed=seed)
     table, obsm, info = map_query(
         ref, q, atlas=atlas, reference=reference, query=query, method=method, n_neighbors=mapping["n_neighbors"],
         min_confidence=mapping["min_confidence"], min_shared_genes=mapping["min_shared_genes"], seed=seed,
-        vae_checkpoint=vae_checkpoint, model=model)
+        vae_checkpoint=vae_checkpoint, model=model, calibration=fitted)
     truth = q.obs.get(keys.LABEL)
-    metrics, per_label, crosstab = evaluate(table["predicted"], truth, list(ref.obs[keys.LABEL].cat.categories))
+    metrics, per_label, crosstab = evaluate(table["predicted"], truth, list(ref.obs[keys.LABEL].cat.categories),
+                                            label_set=table["label_set"])
+    # the method's calibration, measured on held-out reference cells, beside what the query shows
+    held_metrics = json.loads(Path(calibration).read_text())["metrics"]
+    metrics.update({f"heldout_{k}" if not k.startswith("heldout") else k: v for k, v in held_metrics.items()
+                    if k in ("ece", "ece_raw", "coverage", "mean_set_size", "heldout_accuracy")})
+    metrics["mean_set_size"] = float(table["set_size"].mean())
 
     cells = table.copy()
     if truth is not None:
@@ -79,7 +122,8 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
     ref_umap = ref.obsm[VAE_UMAP] if method == "latent" else ref.obsm[UMAP]
 
     out = ad.AnnData(X=q.X, obs=q.obs.copy(), var=q.var.copy(), obsm=obsm)
-    for col, name in (("predicted", "atlas_label"), ("best_label", "atlas_best_label"), ("confidence", "atlas_confidence")):
+    for col, name in (("predicted", "atlas_label"), ("best_label", "atlas_best_label"), ("confidence", "atlas_confidence"),
+                      ("label_set", "atlas_label_set"), ("set_size", "atlas_set_size")):
         out.obs[name] = table[col].to_numpy()
     out.obs["atlas_label"] = out.obs["atlas_label"].astype("category")
     out.uns[keys.UNS_KEY] = {**q.uns.get(keys.UNS_KEY, {}), "atlas": {
@@ -101,11 +145,8 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
 
 def compare_stage(*, records: Mapping[str, str], labels: Mapping[str, str], atlas: str, reference: str,
                   query: str) -> Result:
-    """The atlas_compare rule: the methods side by side, best first, and how often they agree.
-
-    Methods are ranked by accuracy where the query has labels the reference knows, else by the
-    share of cells they assign; ties by name.
-    """
+    """The atlas_compare rule: the methods side by side, best first (:func:`rank_methods`), and
+    how often they agree."""
     import json
     from pathlib import Path
 
@@ -115,22 +156,48 @@ def compare_stage(*, records: Mapping[str, str], labels: Mapping[str, str], atla
         rows.append({"atlas": atlas, "reference": reference, "query": query, "method": method,
                      "model": rec["params"].get("best_model", ""),
                      **{k: rec["metrics"].get(k, np.nan) for k in COMPARISON_METRICS}, "run_id": rec["run_id"]})
-    table = pd.DataFrame(rows)
-    scored = table["accuracy"].notna().any()
-    key = table["accuracy"] if scored else 1 - table["unassigned_fraction"]
-    table = table.assign(_key=key.fillna(-1)).sort_values(["_key", "method"], ascending=[False, True],
-                                                            kind="stable").drop(columns="_key")
-    table.insert(4, "rank", np.arange(1, len(table) + 1))
+    table, rule = rank_methods(pd.DataFrame(rows))
     per_cell = {m: pd.read_csv(p, sep="\t", index_col=0)["predicted"] for m, p in labels.items()}
     agree = agreement_between(per_cell)
-    metrics: dict[str, Any] = {"best_method": str(table["method"].iloc[0]),
-                               "ranked_by": "accuracy" if scored else "assigned share"}
+    metrics: dict[str, Any] = {"best_method": str(table["method"].iloc[0]), "ranked_by": rule}
     for row in agree.itertuples():
         metrics[naming.headline("agreement", f"{row.method_a}_{row.method_b}")] = row.same_label
     return Result(metrics=metrics, tables={"table": table.reset_index(drop=True), "agreement": agree})
 
 
+def rank_methods(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The methods best first, with ``rank``, ``score`` and ``chosen`` (the first), and the rule in words.
+
+    With query labels the reference knows, the score is the accuracy on those cells, averaged
+    with the share of novel-type cells left unassigned where the query has cell types the
+    reference lacks. Without, it is the method's accuracy on held-out reference cells (the query
+    cannot say more). Scores equal to 4 decimals are tied; a tie goes to the lower calibration
+    error on held-out reference cells, then to the simpler method (projection, then classifier,
+    then latent: fitted once with the map, then a trained classifier, then a trained VAE).
+    """
+    scored = table["accuracy"].notna().any() if "accuracy" in table else False
+    if scored:
+        novel = table["unassigned_novel"].notna().any()
+        score = (table["accuracy"] + table["unassigned_novel"]) / 2 if novel else table["accuracy"]
+        rule = ("mean of accuracy on shared types and novel types left unassigned" if novel
+                else "accuracy on shared types")
+    else:
+        score, rule = table["heldout_accuracy"], "accuracy on held-out reference cells"
+    simple = {m: i for i, m in enumerate(SIMPLEST_FIRST)}
+    table = table.assign(score=score, _s=-score.round(4).fillna(-np.inf), _e=table["heldout_ece"].fillna(np.inf),
+                         _m=table["method"].map(simple).fillna(len(simple)))
+    table = table.sort_values(["_s", "_e", "_m"], kind="stable").drop(columns=["_s", "_e", "_m"])
+    table.insert(4, "rank", np.arange(1, len(table) + 1))
+    table["chosen"] = table["rank"] == 1
+    return table, rule + "; ties: lower held-out calibration error, then the simpler method"
+
+
+#: the methods, simplest first (the last tie-break of :func:`rank_methods`)
+SIMPLEST_FIRST = ("projection", "classifier", "latent")
+
+
 #: the columns of an atlas comparison table (and of results/atlas.tsv)
 COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "unassigned_fraction", "unassigned_shared",
-                      "unassigned_novel", "mean_confidence", "n_cells", "n_shared_type_cells", "n_novel_type_cells",
-                      "n_shared_genes", "n_shared_hvg")
+                      "unassigned_novel", "set_coverage", "mean_set_size", "mean_confidence", "heldout_accuracy",
+                      "heldout_ece_raw", "heldout_ece", "heldout_coverage", "n_cells", "n_shared_type_cells",
+                      "n_novel_type_cells", "n_shared_genes", "n_shared_hvg")

@@ -46,8 +46,13 @@ def holm(p: np.ndarray) -> np.ndarray:
     return adj
 
 
-def compare(fold_tables: dict[str, pd.DataFrame], *, kind: str, test: str = "corrected_ttest", alpha: float = 0.05):
+def compare(fold_tables: dict[str, pd.DataFrame], *, kind: str, test: str = "corrected_ttest", alpha: float = 0.05,
+            ece: dict[str, float] | None = None):
     """Rank models by the task's primary metric and test every pair on the shared folds.
+
+    Models whose mean primary metric agrees to 4 decimals are tied; a tie goes to the better
+    calibrated model (lower expected calibration error ``ece`` of its out-of-fold probabilities;
+    a model without probabilities comes after), then to the model listed first (the task's order).
 
     Parameters
     ----------
@@ -84,7 +89,10 @@ def compare(fold_tables: dict[str, pd.DataFrame], *, kind: str, test: str = "cor
             row[f"{name}_sd"] = float(t[name].std(ddof=1)) if n_splits > 1 else 0.0
         row["fit_seconds_mean"] = float(t["fit_seconds"].mean()) if "fit_seconds" in t else np.nan
         rows.append(row)
-    table = pd.DataFrame(rows).sort_values(f"{metric}_mean", ascending=False, kind="stable").reset_index(drop=True)
+    table = pd.DataFrame(rows)
+    table["ece"] = [np.nan if ece is None else ece.get(m, np.nan) for m in table["model"]]
+    table = table.assign(_score=-table[f"{metric}_mean"].round(4), _ece=table["ece"].fillna(np.inf)).sort_values(
+        ["_score", "_ece"], kind="stable").drop(columns=["_score", "_ece"]).reset_index(drop=True)
     table.insert(1, "rank", np.arange(1, len(table) + 1))
     best = table.loc[0, "model"]
 

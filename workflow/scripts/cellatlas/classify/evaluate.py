@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from cellatlas import keys
 from cellatlas.classify.features import gene_weights
 from cellatlas.classify.splits import Folds
-from cellatlas.metrics import scores
+from cellatlas.metrics import expected_calibration_error, reliability, scores
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,20 @@ def per_class(folds: Folds, cv: CVResult) -> tuple[pd.DataFrame, pd.DataFrame]:
     cm = confusion_matrix(y_true, y_pred, labels=classes)
     confusion = pd.DataFrame(cm, index=pd.Index(classes, name="true"), columns=classes)
     return table, confusion
+
+
+def calibration_error(folds: Folds, cv: CVResult) -> float | None:
+    """Expected calibration error of the out-of-fold top-class probabilities (None without
+    probabilities); ties between models go to the lower (:func:`cellatlas.classify.compare.compare`)."""
+    if folds.kind != keys.CLASSIFICATION:
+        return None
+    tested = folds.table["test_fold"].to_numpy() >= 0
+    probs = cv.predictions[[f"prob_{c}" for c in folds.classes]].to_numpy(dtype=float)[tested]
+    if not np.isfinite(probs).all():
+        return None
+    top = probs.argmax(axis=1)
+    correct = np.asarray(folds.classes, dtype=object)[top] == folds.table["target"].to_numpy()[tested].astype(str)
+    return expected_calibration_error(reliability(probs.max(axis=1), correct))
 
 
 def fit_final(X, folds: Folds, pipeline: Pipeline, fit_params: FitParams | None = None) -> Pipeline:

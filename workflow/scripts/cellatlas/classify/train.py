@@ -164,6 +164,8 @@ def model_stage(
         raise TaskError(dataset, task, f"model '{model_name}' (final fit): {e}") from None
     predictions = ev.final_predictions(X, f, final, cv)
     predictions.index.name = "cell"
+    if (ece := ev.calibration_error(f, cv)) is not None:
+        result.metrics["ece"] = ece
     t1 = time.perf_counter()
     genes = ev.importance(
         X, f, final, cv, method=spec.importance, gene_names=var_names, n_top=importance["n_genes"],
@@ -196,7 +198,9 @@ def compare_stage(
     """The classify_compare rule: rank the task's models and test every pair on the shared folds."""
     info = json.loads(Path(meta).read_text())
     tables = {m: pd.read_csv(p, sep="\t") for m, p in fold_paths.items()}
-    table, pairwise, summary = compare(tables, kind=info["kind"], test=test, alpha=alpha)
+    model_metrics = {m: json.loads(Path(r).read_text()).get("metrics", {}) for m, r in records.items()}
+    ece = {m: float(v["ece"]) for m, v in model_metrics.items() if v.get("ece") is not None}
+    table, pairwise, summary = compare(tables, kind=info["kind"], test=test, alpha=alpha, ece=ece)
     front = {"dataset": dataset, "task": task, "kind": info["kind"], "split": info["split"],
              "group_key": info["group_key"]}
     for i, (k, v) in enumerate(front.items()):

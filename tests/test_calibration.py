@@ -1,0 +1,173 @@
+"""Labels you can trust: reliability and calibration error, conformal prediction sets, held-out
+reference cells, and the rules that choose a mapping method and break ties between models."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from cellatlas.atlas import calibration as cal
+from cellatlas.errors import AtlasError
+from cellatlas.metrics import expected_calibration_error, reliability
+
+
+def test_reliability_and_calibration_error_on_a_hand_made_case():
+    # 10 cells at 0.95 with 9 right, 10 at 0.35 with 5 right, 1 at exactly 1.0 (the last bin) and right
+    conf = np.r_[np.full(10, 0.95), np.full(10, 0.35), 1.0]
+    right = np.r_[np.ones(9), 0, np.ones(5), np.zeros(5), 1]
+    table = reliability(conf, right)
+    top = table.loc[9]
+    assert top["n_cells"] == 11 and top["mean_confidence"] == pytest.approx((9.5 + 1) / 11)
+    assert top["accuracy"] == pytest.approx(10 / 11)
+    assert table.loc[3, "n_cells"] == 10 and table.loc[3, "accuracy"] == pytest.approx(0.5)
+    assert table["n_cells"].sum() == 21 and np.isnan(table.loc[0, "accuracy"])
+    expected = 11 / 21 * abs(10 / 11 - 10.5 / 11) + 10 / 21 * abs(0.5 - 0.35)
+    assert expected_calibration_error(table) == pytest.approx(expected)
+
+
+def test_calibration_error_agrees_with_torchmetrics():
+    import torch
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.2, 1.0, 5000)
+    right = rng.random(5000) < conf ** 2  # overconfident
+    ours = expected_calibration_error(reliability(conf, right))
+    theirs = float(binary_calibration_error(torch.tensor(conf, dtype=torch.float64), torch.tensor(right.astype(int)),
+                                            n_bins=10, norm="l1"))
+    assert ours == pytest.approx(theirs, abs=1e-6) and ours > 0.1
+
+
+class _Constant:
+    def __init__(self, value):
+        self.value = value
+
+    def random(self, shape):
+        return np.full(shape, self.value)
+
+
+def test_p_values_bracket_crepes_unsmoothed_ones():
+    from crepes.base import p_values_batch
+
+    rng = np.random.default_rng(0)
+    calibration = rng.integers(0, 5, 200) / 4  # many ties, as vote shares have
+    scores = rng.integers(0, 5, (50, 3)) / 4
+    crepes = p_values_batch(calibration, scores, smoothing=False)
+    # crepes' unsmoothed p-value is the smoothed one with u = 1; u = 0 counts only the strictly larger
+    assert np.allclose(cal.p_values(calibration, scores, _Constant(1.0)), crepes)
+    strictly = np.array([[np.sum(calibration > s) / 201 for s in row] for row in scores])
+    assert np.allclose(cal.p_values(calibration, scores, _Constant(0.0)), strictly)
+
+
+def _simulated_heldout(n=3000, n_labels=5, *, shift=2.0, seed=0, vote_shares=False):
+    """Held-out cells of an overconfident model (softmax of logits with the true label raised)."""
+    rng = np.random.default_rng(seed)
+    classes = np.array([f"c{i}" for i in range(n_labels)])
+    true = rng.integers(0, n_labels, n)
+    logits = rng.normal(size=(n, n_labels)) * 2
+    logits[np.arange(n), true] += shift
+    P = np.exp(logits)
+    P /= P.sum(axis=1, keepdims=True)
+    if vote_shares:  # 15 neighbours' votes: few distinct values, many ties
+        P = np.stack([np.bincount(rng.choice(n_labels, 15, p=p), minlength=n_labels) / 15 for p in P])
+    table = pd.DataFrame({"label": classes[true], "fold": rng.integers(0, 5, n), "best_label": classes[P.argmax(1)],
+                          "confidence": P.max(1)})
+    for i, c in enumerate(classes):
+        table[f"score_{c}"] = P[:, i]
+    return cal.HeldOut(table)
+
+
+@pytest.mark.parametrize("vote_shares", [False, True])
+@pytest.mark.parametrize("alpha", [0.1, 0.2])
+def test_prediction_sets_cover_the_true_label_as_promised(alpha, vote_shares):
+    held = _simulated_heldout(vote_shares=vote_shares)
+    crossed = cal.cross_fit(held, alpha=alpha, seed=0)
+    metrics, _, coverage = cal.summarize(crossed, alpha=alpha)
+    assert abs(metrics["coverage"] - (1 - alpha)) <= 0.02
+    assert (coverage["label"] == "all").sum() == 1 and len(coverage) == 6
+    assert coverage.loc[coverage["label"] != "all", "coverage"].between(1 - alpha - 0.06, 1 - alpha + 0.06).all()
+    # a set lists its labels, and a covered cell's set holds its label
+    row = crossed[crossed["covered"]].iloc[0]
+    assert row["label"] in row["label_set"].split("|") and row["set_size"] == len(row["label_set"].split("|"))
+
+
+def test_calibration_brings_the_error_down_on_cells_it_was_not_fitted_on():
+    metrics, table, _ = cal.summarize(cal.cross_fit(_simulated_heldout(), alpha=0.1), alpha=0.1)
+    assert metrics["ece_raw"] > 0.1 and metrics["ece"] <= 0.05
+    assert set(table["confidence"]) == {"raw", "calibrated"}
+
+
+def test_calibration_is_reproducible():
+    held = _simulated_heldout(vote_shares=True)
+    a, b = cal.cross_fit(held, alpha=0.1, seed=4), cal.cross_fit(held, alpha=0.1, seed=4)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_too_few_heldout_cells_is_a_one_line_error():
+    held = _simulated_heldout(n=60)
+    with pytest.raises(AtlasError, match=r"atlas 'a'.*method 'projection': 60 held-out reference cells in 5 fold\(s\)"):
+        cal.check_heldout(held, atlas="a", method="projection", alpha=0.1)
+    with pytest.raises(AtlasError, match=r"atlas.alpha 0.001 needs 1000"):
+        cal.check_heldout(_simulated_heldout(n=500), atlas="a", method="projection", alpha=0.001)
+    cal.check_heldout(_simulated_heldout(n=500), atlas="a", method="projection", alpha=0.1)
+
+
+def test_folds_are_grouped_so_a_cell_is_never_labelled_by_its_own_donor():
+    """Each donor's cells sit on the same points with the other label: labelled by its own donor
+    a cell would be right, by the other donor's cells it is wrong every time."""
+    import anndata as ad
+    from cellatlas.atlas.methods import heldout_knn
+
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(60, 5)) * 10
+    labels = np.r_[np.where(np.arange(60) % 2, "a", "b"), np.where(np.arange(60) % 2, "b", "a")]
+    ref = ad.AnnData(obs=pd.DataFrame({"label": pd.Categorical(labels), "group": np.repeat(["d0", "d1"], 60)},
+                                      index=[f"c{i}" for i in range(120)]),
+                     obsm={"X_pca": np.vstack([points, points + 1e-3])})
+    held = heldout_knn(ref, "X_pca", n_neighbors=1)
+    assert len(held.table) == 120 and held.table["fold"].nunique() == 2
+    assert (held.table["best_label"] != held.table["label"]).all()
+    assert held.classes == ["a", "b"] and np.allclose(held.scores().sum(axis=1), 1)
+
+
+def test_classify_ties_go_to_the_better_calibrated_model():
+    from cellatlas import keys
+    from cellatlas.classify.compare import compare
+
+    def folds(f1):
+        return pd.DataFrame({"fold": range(5), "n_train": 80, "n_test": 20, "accuracy": f1, "balanced_accuracy": f1,
+                             "macro_f1": f1, "fit_seconds": 1.0})
+
+    tables = {"a_model": folds([1.0] * 5), "b_model": folds([1.0] * 5), "c_model": folds([0.9] * 5)}
+    table, _, summary = compare(tables, kind=keys.CLASSIFICATION, ece={"a_model": 0.08, "b_model": 0.01})
+    assert list(table["model"]) == ["b_model", "a_model", "c_model"] and summary["best_model"] == "b_model"
+    table, _, _ = compare(tables, kind=keys.CLASSIFICATION, ece={"a_model": 0.01, "b_model": 0.08})
+    assert list(table["model"]) == ["a_model", "b_model", "c_model"]
+
+
+def test_the_atlas_comparison_names_the_best_method_by_its_rule():
+    from cellatlas.atlas.stages import rank_methods
+
+    table = pd.DataFrame({"atlas": "a", "reference": "r", "query": "q", "method": ["classifier", "latent", "projection"],
+                          "accuracy": [0.95, 0.95, 0.90], "unassigned_novel": [0.1, 0.9, 0.2],
+                          "heldout_accuracy": 0.9, "heldout_ece": [0.02, 0.03, 0.01]})
+    ranked, rule = rank_methods(table)
+    assert list(ranked["method"]) == ["latent", "projection", "classifier"] and ranked["chosen"].tolist() == [1, 0, 0]
+    assert rule.startswith("mean of accuracy on shared types and novel types left unassigned")
+    # tied scores: the lower held-out calibration error, then the simpler method
+    tied = table.assign(unassigned_novel=np.nan, accuracy=0.95)
+    assert list(rank_methods(tied)[0]["method"]) == ["projection", "classifier", "latent"]
+    no_labels = table.assign(accuracy=np.nan, unassigned_novel=np.nan, heldout_accuracy=[0.8, 0.9, 0.9],
+                             heldout_ece=[0.0, 0.02, 0.02])
+    ranked, rule = rank_methods(no_labels)
+    assert list(ranked["method"]) == ["projection", "latent", "classifier"]
+    assert rule.startswith("accuracy on held-out reference cells")
+
+
+def test_query_coverage_counts_the_cells_whose_set_holds_their_label():
+    from cellatlas.atlas.evaluate import evaluate
+
+    truth = pd.Series(["x", "x", "y", "new"])
+    pred = pd.Series(["x", "y", "unassigned", "x"])
+    sets = pd.Series(["x", "y", "x|y", np.nan])
+    metrics, per_label, _ = evaluate(pred, truth, ["x", "y"], label_set=sets)
+    assert metrics["set_coverage"] == pytest.approx(2 / 3) and metrics["empty_set_novel"] == 1.0
+    assert per_label.set_index("query_label")["set_coverage"].to_dict()["x"] == 0.5
