@@ -69,7 +69,7 @@ def _simulated_heldout(n=3000, n_labels=5, *, shift=2.0, seed=0, vote_shares=Fal
     if vote_shares:  # 15 neighbours' votes: few distinct values, many ties
         P = np.stack([np.bincount(rng.choice(n_labels, 15, p=p), minlength=n_labels) / 15 for p in P])
     table = pd.DataFrame({"label": classes[true], "fold": rng.integers(0, 5, n), "best_label": classes[P.argmax(1)],
-                          "confidence": P.max(1)})
+                          "confidence": P.max(1), "distance": rng.gamma(4.0, size=n)})
     for i, c in enumerate(classes):
         table[f"score_{c}"] = P[:, i]
     return cal.HeldOut(table)
@@ -87,6 +87,28 @@ def test_prediction_sets_cover_the_true_label_as_promised(alpha, vote_shares):
     # a set lists its labels, and a covered cell's set holds its label
     row = crossed[crossed["covered"]].iloc[0]
     assert row["label"] in row["label_set"].split("|") and row["set_size"] == len(row["label_set"].split("|"))
+
+
+def test_sure_calls_that_tie_lose_their_set_by_distance_not_at_random():
+    """A perfectly separated reference: every held-out cell's vote is unanimous and right. At
+    alpha 0.1 a tenth of the sets must still be empty, and they are the cells farthest from the
+    reference."""
+    held = _simulated_heldout(shift=50.0, vote_shares=True)
+    assert (held.table["confidence"] == 1).all() and held.correct().all()
+    crossed = cal.cross_fit(held, alpha=0.1, seed=0)
+    assert abs(crossed["covered"].mean() - 0.9) <= 0.02
+    empty = crossed["set_size"] == 0
+    assert crossed.loc[empty, "distance"].min() > crossed.loc[~empty, "distance"].quantile(0.8)
+    assert crossed.loc[empty, "typicality"].max() < 0.2
+
+
+def test_typicality_is_a_conformal_p_value():
+    rng = np.random.default_rng(2)
+    reference, new = rng.gamma(4.0, size=4000), rng.gamma(4.0, size=4000)
+    typical = cal.typicality(new, reference)
+    assert abs(np.mean(typical <= 0.05) - 0.05) < 0.01 and typical.max() <= 1
+    far = cal.typicality(np.array([100.0]), reference)
+    assert far[0] == pytest.approx(1 / 4001)
 
 
 def test_calibration_brings_the_error_down_on_cells_it_was_not_fitted_on():
@@ -124,6 +146,7 @@ def test_folds_are_grouped_so_a_cell_is_never_labelled_by_its_own_donor():
                      obsm={"X_pca": np.vstack([points, points + 1e-3])})
     held = heldout_knn(ref, "X_pca", n_neighbors=1)
     assert len(held.table) == 120 and held.table["fold"].nunique() == 2
+    assert np.allclose(held.table["distance"], np.sqrt(5) * 1e-3, atol=2e-4)  # the other donor's twin, not its own cell
     assert (held.table["best_label"] != held.table["label"]).all()
     assert held.classes == ["a", "b"] and np.allclose(held.scores().sum(axis=1), 1)
 

@@ -277,16 +277,17 @@ def test_reruns_only_what_changed(workdir):
         # no training: the VAE's latent space is clustered again (its own job) and compared with the
         # PCA's at the same resolutions; the atlas's VAE part is read from that file, and with it
         # only the latent mapping reruns
-        assert _jobs(r.stdout) == {"cluster", "cluster_vae", "atlas_reference_vae", "atlas_map", "atlas_compare",
-                                   "summary", "all"}
+        assert _jobs(r.stdout) == {"cluster", "cluster_vae", "atlas_reference_vae", "atlas_calibrate", "atlas_map",
+                                   "atlas_compare", "summary", "all"}
         assert "method=latent" in r.stdout and "method=projection" not in r.stdout
         changed = json.loads(json.dumps(CONFIG))
         changed["classify"]["classifiers"]["knn"]["params"] = {"n_neighbors": 7}
         write_config(workdir, changed)
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
-        # the atlas's classifier method uses the task's best model: that mapping reruns, no other
-        assert _jobs(r.stdout) == {"classify_model", "classify_compare", "atlas_map", "atlas_compare", "summary", "all"}
+        # the atlas's classifier method uses the task's best model: its calibration and mapping rerun, no other
+        assert _jobs(r.stdout) == {"classify_model", "classify_compare", "atlas_calibrate", "atlas_map", "atlas_compare",
+                                   "summary", "all"}
         assert "model=knn" in r.stdout and "model=logistic_regression" not in r.stdout
         assert "method=classifier" in r.stdout and "method=projection" not in r.stdout
         # one integration method's parameter: that method and what reads the choice (the clusters,
@@ -297,7 +298,7 @@ def test_reruns_only_what_changed(workdir):
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
         assert _jobs(r.stdout) == {"integrate", "integrate_compare", "cluster", "cluster_vae", "atlas_reference_vae",
-                                   "atlas_map", "atlas_compare", "summary", "all"}
+                                   "atlas_calibrate", "atlas_map", "atlas_compare", "summary", "all"}
         assert "method=harmony" in r.stdout and not re.search(r"method=(pca|bbknn|vae|projection|classifier)\b", r.stdout)
         assert "rule train_vae" not in r.stdout and "rule integrate_vae" not in r.stdout
         # a new query is mapped onto the reference map as it is: no reference stage reruns
@@ -341,8 +342,32 @@ def test_queries_are_mapped_by_every_method_and_compared(workdir):
     assert run.data.tags["cellatlas.atlas"] == "a" and run.data.tags["cellatlas.method"] == "classifier"
     parent = next(r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.metrics["atlas/a/sim5k_q/classifier/accuracy"] == pytest.approx(table.loc["classifier", "accuracy"], abs=1e-4)
-    # best method first
+    # best method first, and the parent names it
     assert list(table.sort_values("rank")["accuracy"]) == sorted(table["accuracy"], reverse=True)
+    chosen = table.index[table["chosen"]]
+    assert list(chosen) == [table["rank"].idxmin()]
+    assert parent.data.tags["cellatlas.atlas.a.sim5k_q"] == chosen[0]
+
+
+def test_each_method_is_calibrated_on_reference_cells_it_did_not_see(workdir):
+    base = workdir / "results" / "atlas" / "a"
+    runs = {r.info.run_name: r for r in _runs(workdir)}
+    for method in METHODS:
+        folder = base / "calibration" / method
+        coverage = pd.read_csv(folder / "coverage.tsv", sep="\t").set_index("label")
+        # split-conformal at alpha 0.1: 90% of held-out cells' sets hold their label, per label too
+        assert abs(coverage.loc["all", "coverage"] - 0.9) <= 0.03, coverage
+        assert coverage.drop(index="all")["coverage"].ge(0.8).all(), coverage
+        heldout = pd.read_csv(folder / "heldout.tsv.gz", sep="\t")
+        assert heldout["fold"].nunique() >= 2 and heldout["calibrated"].between(0, 1).all()
+        assert (folder / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        run = runs[f"atlas:a/{method}/calibration"]
+        assert run.data.metrics["ece"] <= 0.05 and run.data.metrics["coverage"] == pytest.approx(
+            coverage.loc["all", "coverage"], abs=1e-9)
+        mapped = ad.read_h5ad(base / "sim5k_q" / method / "mapped.h5ad")
+        sets = mapped.obs["atlas_label_set"].fillna("").astype(str)
+        assert (sets.str.split("|").map(lambda s: len([x for x in s if x])) == mapped.obs["atlas_set_size"]).all()
+        assert runs[f"atlas:a/sim5k_q/{method}"].data.metrics["heldout_ece"] == pytest.approx(run.data.metrics["ece"])
 
 
 def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):

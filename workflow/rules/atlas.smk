@@ -97,6 +97,7 @@ rule atlas_map:
         run="results/atlas/{atlas}/{dataset}/{method}/run.json",
     wildcard_constraints:
         method="projection|latent|classifier",
+        dataset=ATLAS_QUERY,
     params:
         reference=get_atlas_field("reference"),
         mapping={k: v for k, v in config["atlas"].items() if k != "atlases"},
@@ -115,6 +116,8 @@ rule atlas_map:
 rule atlas_compare:
     input:
         unpack(get_atlas_method_files),
+    wildcard_constraints:
+        dataset=ATLAS_QUERY,
     output:
         table="results/atlas/{atlas}/{dataset}/comparison.tsv",
         agreement="results/atlas/{atlas}/{dataset}/agreement.tsv",

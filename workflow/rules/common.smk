@@ -165,6 +165,10 @@ def get_cluster_input(wildcards):
     return f"results/{wildcards.dataset}/embed.h5ad"
 
 
+#: a query's folder beside the atlas's calibration/ (cellatlas.config reserves the name)
+ATLAS_QUERY = r"(?!calibration/)[A-Za-z][A-Za-z0-9_-]*"
+
+
 def get_atlases():
     from cellatlas.config import atlases
 
@@ -202,18 +206,18 @@ def get_atlas_vae_input(wildcards):
 
 
 def get_atlas_calibrate_input(wildcards):
-    """What a method's calibration reads: the map (the kNN methods) or the best classifier's
-    out-of-fold predictions (named predictions_<model>; the comparison names the best)."""
+    """What a method's calibration reads: the map, and the best classifier's out-of-fold
+    predictions (named predictions_<model>; the comparison names the best)."""
     spec = get_atlas(wildcards)
     ref = spec["reference"]
     if wildcards.method not in spec["methods"]:
         raise WorkflowError(f"atlas '{wildcards.atlas}': method '{wildcards.method}' is not in its methods")
+    inputs = {"reference": f"results/atlas/{wildcards.atlas}/reference.h5ad"}
     if wildcards.method == "classifier":
         base = f"results/{ref}/classify/{spec['classify_task']}"
         models = get_tasks()[(ref, spec["classify_task"])]["models"]
-        return {"comparison": f"{base}/comparison/models.tsv",
-                **{f"predictions_{m}": f"{base}/models/{m}/predictions.tsv.gz" for m in models}}
-    inputs = {"reference": f"results/atlas/{wildcards.atlas}/reference.h5ad"}
+        inputs["comparison"] = f"{base}/comparison/models.tsv"
+        inputs.update({f"predictions_{m}": f"{base}/models/{m}/predictions.tsv.gz" for m in models})
     if wildcards.method == "latent":
         inputs["reference_vae"] = f"results/atlas/{wildcards.atlas}/reference_vae.h5ad"
     return inputs

@@ -270,6 +270,7 @@ def integrations(config: dict[str, Any]) -> dict[str, list[str]]:
 
 #: a results/ folder of its own, so no dataset may take the name
 ATLAS_DIR = "atlas"
+CALIBRATION_DIR = "calibration"  # results/atlas/<atlas>/calibration/<method>
 
 
 def atlases(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -301,6 +302,9 @@ def atlases(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"config key '{where}.queries': '{q}' is not a dataset (datasets: {sorted(datasets)})")
             if q == ref:
                 raise ConfigError(f"config key '{where}.queries': '{q}' is the atlas's reference")
+            if q == CALIBRATION_DIR:
+                raise ConfigError(f"config key '{where}.queries': the name '{q}' is reserved for the atlas's "
+                                  "calibration folder")
         label_key = entry.get("label_key", keys.LABEL)
         if label_key in _CANONICAL and not datasets[ref].get(_CANONICAL[label_key]):
             raise ConfigError(f"config key '{where}.label_key': reference '{ref}' has no {_CANONICAL[label_key]}, "

@@ -363,10 +363,10 @@ def reliability(table: pd.DataFrame, coverage: pd.DataFrame, path: str, *, alpha
     ax.legend(fontsize=8, loc="upper left")
     per = coverage[coverage["label"] != "all"]
     bx.barh(range(len(per)), per["coverage"], color="#4C72B0")
-    bx.axvline(1 - alpha, color="#C44E52", lw=1.2, label=f"1 - alpha = {1 - alpha:g}")
+    bx.axvline(1 - alpha, color="#C44E52", lw=1.2)
     bx.set_yticks(range(len(per)), [f"{lab} ({n})" for lab, n in zip(per["label"], per["n_cells"])], fontsize=8)
     bx.set_xlim(0, 1)
     bx.set_xlabel("coverage of the prediction sets")
-    bx.legend(fontsize=8, loc="lower left")
+    bx.set_title(f"red: 1 - alpha = {1 - alpha:g}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)

@@ -97,6 +97,31 @@ def p_values(calibration: np.ndarray, scores: np.ndarray, rng: np.random.Generat
     return (above + rng.random(s.shape) * (ties + 1)) / (len(cal) + 1)
 
 
+def typicality(distance: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Conformal p-value of each cell's distance to its nearest reference cells among the held-out
+    cells' own: (#{reference >= distance} + 1) / (n + 1). Small for a cell farther from the
+    reference than almost every held-out cell; at most tau for a share tau of cells like the held-out ones."""
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    d = np.asarray(distance, dtype=np.float64)
+    return (len(ref) - np.searchsorted(ref, d, side="left") + 1) / (len(ref) + 1)
+
+
+#: weight of a cell's atypicality (1 - typicality) in its nonconformity: below half a vote share's
+#: smallest step (1/200), so it only orders cells with equal votes, the farther one less conforming
+TIE_BREAK = 1e-3
+
+
+def nonconformity(scores: np.ndarray, typical: np.ndarray) -> np.ndarray:
+    """1 - score, plus :data:`TIE_BREAK` x (1 - typicality): the vote shares of a kNN method take
+    few values, and without it 9 in 10 held-out cells of a well-separated reference tie at 0, so
+    the sets' coverage would sit far above 1 - alpha, or, with the ties broken at random, a random
+    tenth of sure calls would get an empty set. Broken by distance, the empty sets go to the cells
+    least like any reference cell."""
+    s = np.asarray(scores, dtype=np.float64)
+    atypical = TIE_BREAK * (1.0 - np.asarray(typical, dtype=np.float64))
+    return 1.0 - s + (atypical[:, None] if s.ndim == 2 else atypical)
+
+
 @dataclass
 class Calibration:
     """A method's calibration, fitted on held-out cells: :meth:`apply` it to new cells."""
@@ -105,30 +130,37 @@ class Calibration:
     alpha: float
     seed: int
     isotonic: object
+    distances: np.ndarray
     nonconformity: np.ndarray
 
     @classmethod
-    def fit(cls, confidence: np.ndarray, correct: np.ndarray, true_scores: np.ndarray, *, classes: list[str],
-            alpha: float, seed: int = 0) -> Calibration:
-        """``true_scores``: each held-out cell's score for its true label (0 when the method cannot give that label)."""
+    def fit(cls, confidence: np.ndarray, correct: np.ndarray, true_scores: np.ndarray, distance: np.ndarray, *,
+            classes: list[str], alpha: float, seed: int = 0) -> Calibration:
+        """``true_scores``: each held-out cell's score for its true label (0 when the method cannot
+        give that label); ``distance``: its mean distance to its nearest reference cells."""
         from sklearn.isotonic import IsotonicRegression
 
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
         iso.fit(np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64))
-        return cls(list(classes), float(alpha), int(seed), iso, 1.0 - np.asarray(true_scores, dtype=np.float64))
+        distance = np.asarray(distance, dtype=np.float64)
+        return cls(list(classes), float(alpha), int(seed), iso, np.sort(distance),
+                   nonconformity(true_scores, typicality(distance, distance)))
 
-    def apply(self, confidence: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated confidence, and the prediction sets as a cells x classes boolean array."""
+    def apply(self, confidence: np.ndarray, scores: np.ndarray, distance: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Calibrated confidence, the prediction sets (cells x classes, boolean) and the typicality."""
         calibrated = self.isotonic.predict(np.asarray(confidence, dtype=np.float64))
+        typical = typicality(distance, self.distances)
         rng = np.random.default_rng(self.seed)
-        sets = p_values(self.nonconformity, 1.0 - np.asarray(scores, dtype=np.float64), rng) >= self.alpha
-        return calibrated, sets
+        sets = p_values(self.nonconformity, nonconformity(scores, typical), rng) >= self.alpha
+        return calibrated, sets, typical
 
 
 @dataclass
 class HeldOut:
     """A method's held-out reference cells: ``table`` has ``label``, ``fold``, ``best_label``,
-    ``confidence`` (raw) and one ``score_<class>`` column per class the method can give."""
+    ``confidence`` (raw), ``distance`` (mean distance to the nearest reference cells of the other
+    folds) and one ``score_<class>`` column per class the method can give."""
 
     table: pd.DataFrame
 
@@ -153,7 +185,8 @@ class HeldOut:
     def fit(self, *, alpha: float, seed: int = 0, rows: np.ndarray | None = None) -> Calibration:
         rows = np.arange(len(self.table)) if rows is None else rows
         return Calibration.fit(self.table["confidence"].to_numpy()[rows], self.correct()[rows],
-                               self.true_scores()[rows], classes=self.classes, alpha=alpha, seed=seed)
+                               self.true_scores()[rows], self.table["distance"].to_numpy()[rows],
+                               classes=self.classes, alpha=alpha, seed=seed)
 
 
 def check_heldout(held: HeldOut, *, atlas: str, method: str, alpha: float) -> None:
@@ -168,24 +201,26 @@ def check_heldout(held: HeldOut, *, atlas: str, method: str, alpha: float) -> No
 def cross_fit(held: HeldOut, *, alpha: float, seed: int = 0) -> pd.DataFrame:
     """Each held-out cell's calibrated confidence and set from a calibration fitted on the other folds.
 
-    Returns the held-out table with ``calibrated``, ``set_size``, ``covered`` (its true label is
-    in its set) and ``label_set``.
+    Returns the held-out table with ``calibrated``, ``typicality``, ``set_size``, ``covered`` (its
+    true label is in its set) and ``label_set``.
     """
     table = held.table
     folds = table["fold"].to_numpy()
-    calibrated = np.zeros(len(table))
+    calibrated, typical = np.zeros(len(table)), np.zeros(len(table))
     sets = np.zeros((len(table), len(held.classes)), bool)
-    scores = held.scores()
+    scores, distance = held.scores(), table["distance"].to_numpy()
     for k, f in enumerate(np.unique(folds)):
         test = folds == f
         cal = held.fit(alpha=alpha, seed=seed + k, rows=np.flatnonzero(~test))
-        calibrated[test], sets[test] = cal.apply(table["confidence"].to_numpy()[test], scores[test])
+        calibrated[test], sets[test], typical[test] = cal.apply(table["confidence"].to_numpy()[test], scores[test],
+                                                                distance[test])
     classes = np.asarray(held.classes)
     index = {c: i for i, c in enumerate(held.classes)}
     true = table["label"].astype(str).map(index).to_numpy()
     covered = np.array([pd.notna(t) and bool(sets[i, int(t)]) for i, t in enumerate(true)])
-    out = table[["label", "fold", "best_label", "confidence"]].copy()
+    out = table[["label", "fold", "best_label", "confidence", "distance"]].copy()
     out["calibrated"] = calibrated
+    out["typicality"] = typical
     out["set_size"] = sets.sum(axis=1)
     out["covered"] = covered
     out["label_set"] = label_sets(sets, classes)

@@ -112,11 +112,12 @@ def vote_shares(neighbour_codes: np.ndarray, n_labels: int) -> np.ndarray:
 
 def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Labels of ``query_rep``'s k nearest reference cells, with agreement and proximity
-    (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``), and the vote shares
+    (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``; ``distance``, the mean
+    distance to the k neighbours), and the vote shares
     (cells x the reference's labels)."""
     # Exact neighbours for the vote: Ingest's own search (pynndescent, seeded from the reference
     # graph) returned wrong neighbours for 12% of a simulated query, exact search for none.
-    indices, _ = ExactSearch(ref.obsm[rep]).query(query_rep, k=min(int(n_neighbors), ref.n_obs))
+    indices, distances = ExactSearch(ref.obsm[rep]).query(query_rep, k=min(int(n_neighbors), ref.n_obs))
 
     labels = ref.obs[keys.LABEL]
     codes = labels.cat.codes.to_numpy()
@@ -137,7 +138,7 @@ def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> t
         distance[rows] = mahalanobis(query_rep[rows], means[c], precisions[c])
         near[rows] = proximity(distance[rows], reference)
     return pd.DataFrame({"best_label": categories[best], "agreement": agreement, "proximity": near,
-                         "mahalanobis": distance}), votes
+                         "mahalanobis": distance, "distance": distances.mean(axis=1)}), votes
 
 
 def heldout_knn(ref, rep: str, *, n_neighbors: int, seed: int = 0) -> HeldOut:
@@ -152,10 +153,11 @@ def heldout_knn(ref, rep: str, *, n_neighbors: int, seed: int = 0) -> HeldOut:
     for f in np.unique(fold[held]):
         test = np.flatnonzero(held & (fold == f))
         train = np.flatnonzero((fold != f) & (codes >= 0))
-        indices, _ = ExactSearch(X[train]).query(X[test], k=min(int(n_neighbors), len(train)))
+        indices, distances = ExactSearch(X[train]).query(X[test], k=min(int(n_neighbors), len(train)))
         votes = vote_shares(codes[train][indices], len(categories))
         part = pd.DataFrame({"label": categories[codes[test]], "fold": f, "best_label": categories[votes.argmax(axis=1)],
-                             "confidence": votes.max(axis=1)}, index=ref.obs_names[test])
+                             "confidence": votes.max(axis=1), "distance": distances.mean(axis=1)},
+                            index=ref.obs_names[test])
         parts.append(pd.concat([part, pd.DataFrame(votes, index=part.index, columns=[f"score_{c}" for c in categories])],
                                axis=1))
     table = pd.concat(parts).loc[ref.obs_names[held]]
@@ -163,8 +165,16 @@ def heldout_knn(ref, rep: str, *, n_neighbors: int, seed: int = 0) -> HeldOut:
     return HeldOut(table)
 
 
-def heldout_classifier(predictions: pd.DataFrame) -> HeldOut:
-    """The classifier's held-out cells: the classify stage's out-of-fold predictions (its folds)."""
+def neighbour_distance(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int, exclude=None) -> np.ndarray:
+    """Mean distance of each cell to its k nearest reference cells (leaving out the reference cells ``exclude`` marks)."""
+    keep = np.ones(ref.n_obs, bool) if exclude is None else ~np.asarray(exclude, bool)
+    _, distances = ExactSearch(np.asarray(ref.obsm[rep])[keep]).query(query_rep, k=min(int(n_neighbors), int(keep.sum())))
+    return distances.mean(axis=1)
+
+
+def heldout_classifier(predictions: pd.DataFrame, ref, *, n_neighbors: int) -> HeldOut:
+    """The classifier's held-out cells: the classify stage's out-of-fold predictions (its folds),
+    with each cell's distance to the reference cells outside its fold in the map's PCA."""
     oof = predictions[predictions["source"] == "out_of_fold"]
     probs = [c for c in oof.columns if c.startswith("prob_")]
     classes = np.asarray([c[len("prob_"):] for c in probs])
@@ -172,6 +182,15 @@ def heldout_classifier(predictions: pd.DataFrame) -> HeldOut:
     table = pd.DataFrame({"label": oof["target"].astype(str).to_numpy(), "fold": oof["test_fold"].to_numpy(),
                           "best_label": classes[P.argmax(axis=1)], "confidence": P.max(axis=1)},
                          index=pd.Index(oof["cell"].astype(str).to_numpy(), name="cell"))
+    table = table[table.index.isin(ref.obs_names)]
+    P = P[np.asarray(oof["cell"].astype(str).isin(ref.obs_names))]
+    pcs = np.asarray(ref.obsm[PCA])
+    table["distance"] = np.nan
+    for f in np.unique(table["fold"]):
+        cells = table.index[table["fold"] == f]
+        rows = ref.obs_names.get_indexer(cells)
+        table.loc[cells, "distance"] = neighbour_distance(ref, PCA, pcs[rows], n_neighbors=n_neighbors,
+                                                          exclude=ref.obs_names.isin(cells))
     return HeldOut(pd.concat([table, pd.DataFrame(P, index=table.index, columns=[f"score_{c}" for c in classes])], axis=1))
 
 
@@ -213,7 +232,8 @@ def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
     if calibration is None:
         out["confidence"] = out["raw_confidence"]
     else:
-        out["confidence"], sets = calibration.apply(out["raw_confidence"].to_numpy(), scores)
+        out["confidence"], sets, out["typicality"] = calibration.apply(out["raw_confidence"].to_numpy(), scores,
+                                                                        out["distance"].to_numpy())
         out["label_set"] = label_sets(sets, np.asarray(calibration.classes))
         out["set_size"] = sets.sum(axis=1)
     support = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
@@ -307,6 +327,7 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
             fill = ref.var["mean"].to_numpy()
             parts = [classifier_transfer(model, align.matrix(q.X[rows], fill=fill)) for rows in _blocks(q.n_obs)]
             table = pd.concat([t for t, _ in parts], ignore_index=True)
+            table["distance"] = neighbour_distance(ref, PCA, pcs, n_neighbors=n_neighbors)
             scores, classes = np.vstack([p for _, p in parts]), np.asarray(model.classes_).astype(str)
     if calibration is not None:
         scores = _in_order(scores, classes, calibration.classes)

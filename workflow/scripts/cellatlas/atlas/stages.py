@@ -57,11 +57,11 @@ def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: s
     from cellatlas.atlas.methods import heldout_classifier, heldout_knn
 
     chosen = ""
+    ref = ad.read_h5ad(reference_map)
     if method == "classifier":
         chosen = best_model(comparison)
-        held = heldout_classifier(pd.read_csv(predictions[chosen], sep="\t"))
+        held = heldout_classifier(pd.read_csv(predictions[chosen], sep="\t"), ref, n_neighbors=n_neighbors)
     else:
-        ref = ad.read_h5ad(reference_map)
         if method == "latent":
             ref = with_vae(ref, ad.read_h5ad(reference_vae))
         held = heldout_knn(ref, VAE if method == "latent" else PCA, n_neighbors=n_neighbors, seed=seed)
