@@ -89,17 +89,19 @@ def test_prediction_sets_cover_the_true_label_as_promised(alpha, vote_shares):
     assert row["label"] in row["label_set"].split("|") and row["set_size"] == len(row["label_set"].split("|"))
 
 
-def test_sure_calls_that_tie_lose_their_set_by_distance_not_at_random():
-    """A perfectly separated reference: every held-out cell's vote is unanimous and right. At
-    alpha 0.1 a tenth of the sets must still be empty, and they are the cells farthest from the
-    reference."""
+def test_support_flags_weak_votes_never_sure_calls():
+    """A perfectly separated reference: every held-out cell's vote is unanimous and right. Exact
+    coverage at alpha 0.1 empties a tenth of the sets at random, but the best label's support
+    (an unsmoothed p-value) stays 1 for a unanimous cell and is tiny for a split vote."""
     held = _simulated_heldout(shift=50.0, vote_shares=True)
     assert (held.table["confidence"] == 1).all() and held.correct().all()
     crossed = cal.cross_fit(held, alpha=0.1, seed=0)
-    assert abs(crossed["covered"].mean() - 0.9) <= 0.02
-    empty = crossed["set_size"] == 0
-    assert crossed.loc[empty, "distance"].min() > crossed.loc[~empty, "distance"].quantile(0.8)
-    assert crossed.loc[empty, "typicality"].max() < 0.2
+    assert abs(crossed["covered"].mean() - 0.9) <= 0.02 and (crossed["support"] == 1).all()
+    fitted = held.fit(alpha=0.1)
+    votes = np.array([[1.0, 0, 0, 0, 0], [9 / 15, 6 / 15, 0, 0, 0]])
+    applied = fitted.apply(votes.max(axis=1), votes, np.array([1.0, 1.0]))
+    assert applied.support[0] == 1 and applied.support[1] == pytest.approx(1 / (len(held.table) + 1))
+    assert not applied.sets[1].any()
 
 
 def test_typicality_is_a_conformal_p_value():

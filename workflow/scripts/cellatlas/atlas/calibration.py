@@ -13,8 +13,14 @@ share, or the top class probability) and a score per label (vote shares, or prob
   its conformal p-value is at least alpha, so the set holds the true label of a new cell like the
   held-out ones with probability at least 1 - alpha. The p-values are smoothed (ties broken at
   random, seeded): vote shares take few values, and without smoothing coverage would sit far
-  above 1 - alpha. So a set can be empty: the cell's best label is less typical than the alpha
-  least typical held-out cells' true labels.
+  above 1 - alpha. So where a method is right on more than 1 - alpha of held-out cells, some sure
+  calls get an empty set at random: that is what exact coverage costs.
+* Support: the best label's unsmoothed p-value, (#{held-out cells whose true label scored at
+  most as well} + 1) / (n + 1). Below alpha, the cell's neighbours (or its classifier) back its
+  best label less than the true label of all but alpha of the held-out cells: the cell is
+  unassigned. A unanimous vote has support 1.
+* Typicality: the conformal p-value of a cell's mean distance to its nearest reference cells
+  among the held-out cells' own distances (an out-of-reference score that does not look at labels).
 * Measured honestly: both are fitted on the other folds' held-out cells and applied to each
   fold in turn (cross-fitting); the reliability table, the expected calibration error and the
   coverage come from those out-of-fold values.
@@ -106,22 +112,6 @@ def typicality(distance: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (len(ref) - np.searchsorted(ref, d, side="left") + 1) / (len(ref) + 1)
 
 
-#: weight of a cell's atypicality (1 - typicality) in its nonconformity: below half a vote share's
-#: smallest step (1/200), so it only orders cells with equal votes, the farther one less conforming
-TIE_BREAK = 1e-3
-
-
-def nonconformity(scores: np.ndarray, typical: np.ndarray) -> np.ndarray:
-    """1 - score, plus :data:`TIE_BREAK` x (1 - typicality): the vote shares of a kNN method take
-    few values, and without it 9 in 10 held-out cells of a well-separated reference tie at 0, so
-    the sets' coverage would sit far above 1 - alpha, or, with the ties broken at random, a random
-    tenth of sure calls would get an empty set. Broken by distance, the empty sets go to the cells
-    least like any reference cell."""
-    s = np.asarray(scores, dtype=np.float64)
-    atypical = TIE_BREAK * (1.0 - np.asarray(typical, dtype=np.float64))
-    return 1.0 - s + (atypical[:, None] if s.ndim == 2 else atypical)
-
-
 @dataclass
 class Calibration:
     """A method's calibration, fitted on held-out cells: :meth:`apply` it to new cells."""
@@ -142,18 +132,41 @@ class Calibration:
 
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
         iso.fit(np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64))
-        distance = np.asarray(distance, dtype=np.float64)
-        return cls(list(classes), float(alpha), int(seed), iso, np.sort(distance),
-                   nonconformity(true_scores, typicality(distance, distance)))
+        return cls(list(classes), float(alpha), int(seed), iso, np.sort(np.asarray(distance, dtype=np.float64)),
+                   1.0 - np.asarray(true_scores, dtype=np.float64))
 
-    def apply(self, confidence: np.ndarray, scores: np.ndarray, distance: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Calibrated confidence, the prediction sets (cells x classes, boolean) and the typicality."""
-        calibrated = self.isotonic.predict(np.asarray(confidence, dtype=np.float64))
-        typical = typicality(distance, self.distances)
+    def apply(self, confidence: np.ndarray, scores: np.ndarray, distance: np.ndarray) -> Applied:
+        """The calibration on new cells (``scores``: cells x :attr:`classes`)."""
+        scores = np.asarray(scores, dtype=np.float64)
         rng = np.random.default_rng(self.seed)
-        sets = p_values(self.nonconformity, nonconformity(scores, typical), rng) >= self.alpha
-        return calibrated, sets, typical
+        best = scores.max(axis=1, initial=0.0)
+        return Applied(calibrated=self.isotonic.predict(np.asarray(confidence, dtype=np.float64)),
+                       sets=p_values(self.nonconformity, 1.0 - scores, rng) >= self.alpha,
+                       support=p_values(self.nonconformity, 1.0 - best, _Upper()),
+                       typicality=typicality(distance, self.distances))
+
+
+class _Upper:
+    """The unsmoothed p-value: u = 1 in :func:`p_values` (#{cal >= s} + 1) / (n + 1)."""
+
+    @staticmethod
+    def random(shape):
+        return np.ones(shape)
+
+
+@dataclass
+class Applied:
+    """A calibration applied to cells."""
+
+    #: the chance that the best label is right, as on held-out cells with this raw confidence
+    calibrated: np.ndarray
+    #: cells x classes: the label is in the cell's prediction set (smoothed p-value >= alpha)
+    sets: np.ndarray
+    #: the best label's unsmoothed conformal p-value: below alpha, its support is weaker than the
+    #: true label's on all but alpha of the held-out cells
+    support: np.ndarray
+    #: out-of-reference score: conformal p-value of the cell's distance to its nearest reference cells
+    typicality: np.ndarray
 
 
 @dataclass
@@ -201,25 +214,27 @@ def check_heldout(held: HeldOut, *, atlas: str, method: str, alpha: float) -> No
 def cross_fit(held: HeldOut, *, alpha: float, seed: int = 0) -> pd.DataFrame:
     """Each held-out cell's calibrated confidence and set from a calibration fitted on the other folds.
 
-    Returns the held-out table with ``calibrated``, ``typicality``, ``set_size``, ``covered`` (its
-    true label is in its set) and ``label_set``.
+    Returns the held-out table with ``calibrated``, ``support``, ``typicality``, ``set_size``,
+    ``covered`` (its true label is in its set) and ``label_set``.
     """
     table = held.table
     folds = table["fold"].to_numpy()
-    calibrated, typical = np.zeros(len(table)), np.zeros(len(table))
+    calibrated, typical, support = np.zeros(len(table)), np.zeros(len(table)), np.zeros(len(table))
     sets = np.zeros((len(table), len(held.classes)), bool)
     scores, distance = held.scores(), table["distance"].to_numpy()
     for k, f in enumerate(np.unique(folds)):
         test = folds == f
         cal = held.fit(alpha=alpha, seed=seed + k, rows=np.flatnonzero(~test))
-        calibrated[test], sets[test], typical[test] = cal.apply(table["confidence"].to_numpy()[test], scores[test],
-                                                                distance[test])
+        applied = cal.apply(table["confidence"].to_numpy()[test], scores[test], distance[test])
+        calibrated[test], sets[test] = applied.calibrated, applied.sets
+        typical[test], support[test] = applied.typicality, applied.support
     classes = np.asarray(held.classes)
     index = {c: i for i, c in enumerate(held.classes)}
     true = table["label"].astype(str).map(index).to_numpy()
     covered = np.array([pd.notna(t) and bool(sets[i, int(t)]) for i, t in enumerate(true)])
     out = table[["label", "fold", "best_label", "confidence", "distance"]].copy()
     out["calibrated"] = calibrated
+    out["support"] = support
     out["typicality"] = typical
     out["set_size"] = sets.sum(axis=1)
     out["covered"] = covered
@@ -258,5 +273,7 @@ def summarize(crossfitted: pd.DataFrame, *, alpha: float) -> tuple[dict[str, flo
                "alpha": float(alpha), "coverage": float(crossfitted["covered"].mean()),
                "coverage_min_label": float(per_label["coverage"].min()) if len(per_label) else np.nan,
                "mean_set_size": float(crossfitted["set_size"].mean()),
-               "single_label_sets": float((crossfitted["set_size"] == 1).mean())}
+               "single_label_sets": float((crossfitted["set_size"] == 1).mean()),
+               # held-out cells the support rule alone would leave unassigned (all are of known types)
+               "low_support": float((crossfitted["support"] < alpha).mean())}
     return metrics, table[["confidence", *before.columns]], coverage

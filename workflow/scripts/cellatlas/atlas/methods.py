@@ -220,24 +220,29 @@ def classifier_transfer(model, X_aligned) -> tuple[pd.DataFrame, np.ndarray]:
 
 def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
            calibration: Calibration | None = None) -> pd.DataFrame:
-    """``confidence``, ``label_set``, ``set_size`` and ``predicted`` (or unassigned).
+    """``confidence``, the prediction set, ``support``, ``typicality`` and ``predicted`` (or unassigned).
 
-    ``confidence`` is the calibrated chance that ``best_label`` is right (the raw agreement or
-    probability, ``raw_confidence``, without a calibration); ``scores`` (cells x the
-    calibration's classes) give the prediction sets. A cell is unassigned when its confidence,
-    times its proximity for the kNN methods, is below ``min_confidence``.
+    ``confidence`` is the calibrated chance that ``best_label`` is right (without a calibration,
+    the raw agreement or probability, kept as ``raw_confidence``); ``scores`` (cells x the
+    calibration's classes) give the prediction sets and the best label's support. A cell is
+    unassigned when its confidence, times its proximity for the kNN methods, is below
+    ``min_confidence``, or when its best label's support is below the calibration's alpha (its
+    neighbours or its classifier back it less than the true label of all but alpha of the
+    held-out reference cells).
     """
     out = table.copy()
     out["raw_confidence"] = out["probability"] if "probability" in out else out["agreement"]
+    weak = np.zeros(len(out), bool)
     if calibration is None:
         out["confidence"] = out["raw_confidence"]
     else:
-        out["confidence"], sets, out["typicality"] = calibration.apply(out["raw_confidence"].to_numpy(), scores,
-                                                                        out["distance"].to_numpy())
-        out["label_set"] = label_sets(sets, np.asarray(calibration.classes))
-        out["set_size"] = sets.sum(axis=1)
+        applied = calibration.apply(out["raw_confidence"].to_numpy(), scores, out["distance"].to_numpy())
+        out["confidence"], out["support"], out["typicality"] = applied.calibrated, applied.support, applied.typicality
+        out["label_set"] = label_sets(applied.sets, np.asarray(calibration.classes))
+        out["set_size"] = applied.sets.sum(axis=1)
+        weak = applied.support < calibration.alpha
     support = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
-    out["predicted"] = np.where(support >= min_confidence, out["best_label"], UNASSIGNED)
+    out["predicted"] = np.where((support >= min_confidence) & ~weak, out["best_label"], UNASSIGNED)
     return out
 
 
