@@ -173,10 +173,13 @@ def test_the_atlas_comparison_names_the_best_method_by_its_rule():
 
     table = pd.DataFrame({"atlas": "a", "reference": "r", "query": "q", "method": ["classifier", "latent", "projection"],
                           "accuracy": [0.95, 0.95, 0.90], "unassigned_novel": [0.1, 0.9, 0.2],
+                          "n_shared_type_cells": 900, "n_novel_type_cells": 100,
                           "heldout_accuracy": 0.9, "heldout_ece": [0.02, 0.03, 0.01]})
     ranked, rule = rank_methods(table)
-    assert list(ranked["method"]) == ["latent", "projection", "classifier"] and ranked["chosen"].tolist() == [1, 0, 0]
-    assert rule.startswith("mean of accuracy on shared types and novel types left unassigned")
+    # scores 0.865, 0.945, 0.83: the share of cells handled right, a novel cell right when unassigned
+    assert list(ranked["method"]) == ["latent", "classifier", "projection"] and ranked["chosen"].tolist() == [1, 0, 0]
+    assert ranked["score"].round(4).tolist() == [0.945, 0.865, 0.83]
+    assert rule.startswith("share of labelled query cells handled right")
     # tied scores: the lower held-out calibration error, then the simpler method
     tied = table.assign(unassigned_novel=np.nan, accuracy=0.95)
     assert list(rank_methods(tied)[0]["method"]) == ["projection", "classifier", "latent"]
@@ -196,3 +199,34 @@ def test_query_coverage_counts_the_cells_whose_set_holds_their_label():
     metrics, per_label, _ = evaluate(pred, truth, ["x", "y"], label_set=sets)
     assert metrics["set_coverage"] == pytest.approx(2 / 3) and metrics["empty_set_novel"] == 1.0
     assert per_label.set_index("query_label")["set_coverage"].to_dict()["x"] == 0.5
+
+
+def test_a_correspondence_table_scores_a_query_that_names_types_differently():
+    from cellatlas.atlas.evaluate import evaluate
+
+    truth = pd.Series(["Monocyte", "Monocyte", "T cell", "T cell", "Progenitor", "B"])
+    pred = pd.Series(["CD14 Mono", "FCGR3A Mono", "CD4 T", "B", "unassigned", "B"])
+    table = {"Monocyte": ["CD14 Mono", "FCGR3A Mono"], "T cell": ["CD4 T", "CD8 T"], "Progenitor": []}
+    reference = ["B", "CD14 Mono", "FCGR3A Mono", "CD4 T", "CD8 T"]
+    metrics, per_label, crosstab = evaluate(pred, truth, reference, correspondence=table)
+    # B is not in the table: it accepts the reference label of its own name
+    assert metrics["n_shared_type_cells"] == 5 and metrics["n_novel_type_cells"] == 1
+    assert metrics["accuracy"] == pytest.approx(4 / 5) and metrics["unassigned_novel"] == 1.0
+    rows = per_label.set_index("query_label")
+    assert rows.loc["T cell", "recall"] == 0.5 and rows.loc["T cell", "accepted"] == "CD4 T|CD8 T"
+    assert not rows.loc["Progenitor", "in_reference"]
+    # without the table only B scores: the crosstab still says where each label went
+    plain, _, crosstab = evaluate(pred, truth, reference)
+    assert plain["n_shared_type_cells"] == 1 and crosstab.loc["Monocyte", "FCGR3A Mono"] == 1
+
+
+def test_a_correspondence_table_for_another_atlas_query_is_a_config_error():
+    from cellatlas.config import atlases, validate
+    from test_config import SCHEMA, _atlas_config
+
+    cfg = _atlas_config({"reference": "ref", "queries": ["q"], "correspondence": {"ref": {"x": ["y"]}}})
+    with pytest.raises(Exception, match=r"^config key 'atlas.atlases.a.correspondence': 'ref' is not one of the "
+                                        r"atlas's queries \(q\)$"):
+        atlases(validate(cfg, SCHEMA))
+    cfg["atlas"]["atlases"]["a"]["correspondence"] = {"q": {"x": ["y"]}}
+    assert atlases(validate(cfg, SCHEMA))["a"]["correspondence"] == {"q": {"x": ["y"]}}

@@ -22,6 +22,9 @@ def store(tmp_path, monkeypatch):
 
 def test_flatten():
     assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
+    # a user's label as a key: MLflow refuses '+' in a param name
+    assert tracking.flatten({"map": {"CD14+ Monocyte": ["CD14+ Mono"], "CD4+/CD25 T Reg": []}}) == {
+        "map.CD14_ Monocyte": '["CD14+ Mono"]', "map.CD4_/CD25 T Reg": "[]"}
 
 
 def test_child_run_finished_with_record(store, tmp_path):

@@ -101,6 +101,7 @@ rule atlas_map:
     params:
         reference=get_atlas_field("reference"),
         mapping={k: v for k, v in config["atlas"].items() if k != "atlases"},
+        correspondence=get_atlas_correspondence,
         seed=config["seed"],
     threads: 2
     log:

@@ -194,6 +194,11 @@ def get_atlas_field(name):
     return field
 
 
+def get_atlas_correspondence(wildcards):
+    """Params function: the query's correspondence table (its labels -> accepted reference labels)."""
+    return get_atlas(wildcards)["correspondence"].get(wildcards.dataset, {})
+
+
 def get_atlas_reference_input(wildcards):
     return f"results/{get_atlas(wildcards)['reference']}/embed.h5ad"
 

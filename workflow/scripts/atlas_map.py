@@ -10,7 +10,8 @@ def compute(smk, live):
     models = {k[len("model_"):]: v for k, v in smk.input.items() if k.startswith("model_")}
     return map_stage(reference_map=smk.input.reference, query_h5ad=smk.input.query, atlas=wc.atlas,
                      reference=smk.params.reference, query=wc.dataset, method=wc.method, mapping=smk.params.mapping,
-                     heldout=smk.input.heldout, calibration=smk.input.calibration, seed=smk.params.seed,
+                     heldout=smk.input.heldout, calibration=smk.input.calibration,
+                     correspondence=smk.params.correspondence, seed=smk.params.seed,
                      reference_vae=smk.input.get("reference_vae"),
                      vae_checkpoint=smk.input.get("vae"), comparison=smk.input.get("comparison"), models=models)
 

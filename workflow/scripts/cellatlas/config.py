@@ -316,8 +316,13 @@ def atlases(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         task = None
         if "classifier" in methods:
             task = _atlas_task(where, ref, label_key, entry.get("classify_task"), tasks)
+        correspondence = dict(entry.get("correspondence") or {})
+        for q in correspondence:
+            if q not in entry["queries"]:
+                raise ConfigError(f"config key '{where}.correspondence': '{q}' is not one of the atlas's queries "
+                                  f"({', '.join(entry['queries'])})")
         out[name] = {"reference": ref, "queries": list(entry["queries"]), "label_key": label_key,
-                     "methods": methods, "classify_task": task}
+                     "methods": methods, "classify_task": task, "correspondence": correspondence}
     return out
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,13 +46,16 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "cellatlas"
 
 MAX_PARAM_LEN = 500
+#: what MLflow refuses in a param name (it takes alphanumerics, _, -, ., space, : and /)
+_PARAM_NAME_REFUSED = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists become their JSON text."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists become their JSON text. A character MLflow
+    refuses in a param name (a user's label such as ``CD14+ Monocyte`` as a key) becomes ``_``."""
     out: dict[str, str] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{_PARAM_NAME_REFUSED.sub('_', str(k))}"
         if isinstance(v, Mapping):
             out.update(flatten(v, f"{key}."))
         else:

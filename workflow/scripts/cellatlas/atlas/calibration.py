@@ -6,9 +6,12 @@ stratified); for the classifier, the classify stage's out-of-fold predictions (i
 Every held-out cell has its true label, the method's raw confidence (the winning label's vote
 share, or the top class probability) and a score per label (vote shares, or probabilities).
 
-* Calibration: isotonic regression (scikit-learn) of "the best label is right" on the raw
-  confidence. A calibrated confidence of 0.8 means about 80 % of such reference cells were
-  labelled right.
+* Calibration: Platt scaling, a logistic regression (scikit-learn) of "the best label is right"
+  on the logit of the raw confidence. A calibrated confidence of 0.8 means about 80 % of such
+  reference cells were labelled right. Not isotonic regression: its steps put blocks of cells on
+  one value, and where a step sits just under ``min_confidence`` a block is unassigned at once
+  (on PBMC 3k -> pbmc68k_reduced, 16 classifier calls with raw probabilities 0.50-0.53 went to
+  0.492, 11 of them right); the ECE on held-out PBMC 3k cells is 0.007-0.010 either way.
 * Prediction sets: split-conformal with the score 1 - p(label): a label is in a cell's set when
   its conformal p-value is at least alpha, so the set holds the true label of a new cell like the
   held-out ones with probability at least 1 - alpha. The p-values are smoothed (ties broken at
@@ -112,6 +115,36 @@ def typicality(distance: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (len(ref) - np.searchsorted(ref, d, side="left") + 1) / (len(ref) + 1)
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # a unanimous vote is 1
+    return np.log(p / (1 - p))
+
+
+@dataclass
+class Platt:
+    """P(right) = sigmoid(slope * logit(confidence) + intercept); a constant where every held-out
+    cell was right (or every one wrong)."""
+
+    slope: float
+    intercept: float
+    constant: float | None = None
+
+    @classmethod
+    def fit(cls, confidence: np.ndarray, correct: np.ndarray) -> Platt:
+        from sklearn.linear_model import LogisticRegression
+
+        y = np.asarray(correct, dtype=np.float64)
+        if y.min() == y.max():
+            return cls(0.0, 0.0, float(y[0]))
+        model = LogisticRegression(C=1e6).fit(_logit(confidence)[:, None], y.astype(int))  # unpenalized
+        return cls(float(model.coef_[0, 0]), float(model.intercept_[0]))
+
+    def predict(self, confidence: np.ndarray) -> np.ndarray:
+        if self.constant is not None:
+            return np.full(len(np.asarray(confidence)), self.constant)
+        return 1.0 / (1.0 + np.exp(-(self.slope * _logit(confidence) + self.intercept)))
+
+
 @dataclass
 class Calibration:
     """A method's calibration, fitted on held-out cells: :meth:`apply` it to new cells."""
@@ -119,7 +152,7 @@ class Calibration:
     classes: list[str]
     alpha: float
     seed: int
-    isotonic: object
+    platt: Platt
     distances: np.ndarray
     nonconformity: np.ndarray
 
@@ -128,11 +161,7 @@ class Calibration:
             classes: list[str], alpha: float, seed: int = 0) -> Calibration:
         """``true_scores``: each held-out cell's score for its true label (0 when the method cannot
         give that label); ``distance``: its mean distance to its nearest reference cells."""
-        from sklearn.isotonic import IsotonicRegression
-
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
-        iso.fit(np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64))
-        return cls(list(classes), float(alpha), int(seed), iso, np.sort(np.asarray(distance, dtype=np.float64)),
+        return cls(list(classes), float(alpha), int(seed), Platt.fit(confidence, correct), np.sort(np.asarray(distance, dtype=np.float64)),
                    1.0 - np.asarray(true_scores, dtype=np.float64))
 
     def apply(self, confidence: np.ndarray, scores: np.ndarray, distance: np.ndarray) -> Applied:
@@ -140,7 +169,7 @@ class Calibration:
         scores = np.asarray(scores, dtype=np.float64)
         rng = np.random.default_rng(self.seed)
         best = scores.max(axis=1, initial=0.0)
-        return Applied(calibrated=self.isotonic.predict(np.asarray(confidence, dtype=np.float64)),
+        return Applied(calibrated=self.platt.predict(confidence),
                        sets=p_values(self.nonconformity, 1.0 - scores, rng) >= self.alpha,
                        support=p_values(self.nonconformity, 1.0 - best, _Upper()),
                        typicality=typicality(distance, self.distances))

@@ -14,16 +14,28 @@ from cellatlas.atlas import UNASSIGNED
 log = logging.getLogger(__name__)
 
 
+def accepted_labels(query_labels, reference_labels: Sequence[str],
+                    correspondence: Mapping[str, Sequence[str]] | None = None) -> dict[str, set[str]]:
+    """Each query label's accepted reference labels: those the correspondence table lists for it,
+    else the reference label of the same name; an empty set marks a type the reference lacks."""
+    ref = set(map(str, reference_labels))
+    table = {str(k): set(map(str, v)) for k, v in (correspondence or {}).items()}
+    return {str(q): table.get(str(q), {str(q)} & ref) for q in query_labels}
+
+
 def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Sequence[str],
-             label_set: pd.Series | None = None):
+             label_set: pd.Series | None = None, correspondence: Mapping[str, Sequence[str]] | None = None):
     """Scores of transferred labels against the query's own labels.
 
-    Accuracy, balanced accuracy and macro-F1 are over the query cells whose label the
-    reference has (an unassigned cell counts as wrong there); cells of other labels ("novel")
-    should come out unassigned. With prediction sets (``label_set``: labels joined by '|'), the
-    share of shared-type cells whose set holds their label (``set_coverage``) and of novel-type
-    cells whose set is empty (``empty_set_novel``). Returns (metrics, per-label table, crosstab of
-    predicted by query label); without query labels, only the assignment rates and an empty crosstab.
+    A query cell's transferred label is right when it is one of the reference labels its own label
+    accepts (:func:`accepted_labels`: by name, or by a ``correspondence`` table where the query's
+    annotation names types differently). Accuracy, balanced accuracy and macro-F1 are over the
+    query cells whose label accepts some reference label (an unassigned cell counts as wrong
+    there); cells of other labels ("novel") should come out unassigned. With prediction sets
+    (``label_set``: labels joined by '|'), the share of shared-type cells whose set holds an
+    accepted label (``set_coverage``) and of novel-type cells whose set is empty
+    (``empty_set_novel``). Returns (metrics, per-label table, crosstab of predicted by query
+    label); without query labels, only the assignment rates and an empty crosstab.
     """
     import sklearn.metrics as skm
 
@@ -34,12 +46,14 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
         return metrics, pd.DataFrame({"predicted": counts.index, "n_cells": counts.to_numpy()}), pd.DataFrame()
     labelled = truth.notna().to_numpy()
     true = truth.astype(str).to_numpy()
-    ref = set(map(str, reference_labels))
-    shared = labelled & np.isin(true, list(ref))
+    accepted = accepted_labels(np.unique(true[labelled]), reference_labels, correspondence)
+    right = np.array([ok and p in accepted[t] for ok, t, p in zip(labelled, true, pred)], dtype=bool)
+    shared = labelled & np.array([ok and bool(accepted[t]) for ok, t in zip(labelled, true)], dtype=bool)
     novel = labelled & ~shared
     metrics.update({"n_shared_type_cells": float(shared.sum()), "n_novel_type_cells": float(novel.sum())})
     if shared.any():
-        y, p = true[shared], pred[shared]
+        # a right call counts as the query's own label, so the scores are over the query's types
+        y, p = true[shared], np.where(right, true, pred)[shared]
         present = np.unique(y)
         metrics.update({
             "accuracy": float(skm.accuracy_score(y, p)),
@@ -52,7 +66,7 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
     covered = None
     if label_set is not None:
         sets = label_set.fillna("").astype(str).to_numpy()
-        covered = np.array([t in s.split("|") for t, s in zip(true, sets)])
+        covered = np.array([ok and bool(accepted[t] & set(s.split("|"))) for ok, t, s in zip(labelled, true, sets)])
         if shared.any():
             metrics["set_coverage"] = float(covered[shared].mean())
         if novel.any():
@@ -62,13 +76,15 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
         sel = labelled & (true == label)
         p = pred[sel]
         top = pd.Series(p).value_counts()
-        rows.append({"query_label": label, "in_reference": label in ref, "n_cells": int(sel.sum()),
-                     "recall": float(np.mean(p == label)) if label in ref else np.nan,
+        known = bool(accepted[label])
+        rows.append({"query_label": label, "in_reference": known, "accepted": "|".join(sorted(accepted[label])),
+                     "n_cells": int(sel.sum()), "recall": float(np.mean(right[sel])) if known else np.nan,
                      "unassigned": float(np.mean(p == UNASSIGNED)),
                      "most_common": str(top.index[0]), "most_common_fraction": float(top.iloc[0] / sel.sum()),
-                     **({"set_coverage": float(covered[sel].mean()) if label in ref else np.nan}
+                     **({"set_coverage": float(covered[sel].mean()) if known else np.nan}
                         if covered is not None else {})})
     crosstab = pd.crosstab(pd.Series(true[labelled], name="query_label"), pd.Series(pred[labelled], name="predicted"))
+    ref = set(map(str, reference_labels))
     order = [c for c in sorted(reference_labels) if c in crosstab.columns] + \
             [c for c in crosstab.columns if c not in ref and c != UNASSIGNED] + \
             ([UNASSIGNED] if UNASSIGNED in crosstab.columns else [])

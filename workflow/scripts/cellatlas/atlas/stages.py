@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cellatlas import keys, naming, plotting
+from cellatlas.errors import AtlasError
 from cellatlas.stage import DatasetInput, Result, plot
 
 from cellatlas.atlas import PCA, UMAP, VAE, VAE_UMAP
@@ -77,7 +78,8 @@ def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: s
 
 
 def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str, query: str, method: str,
-              mapping: Mapping[str, Any], heldout: str, calibration: str, seed: int = 0,
+              mapping: Mapping[str, Any], heldout: str, calibration: str,
+              correspondence: Mapping[str, Sequence[str]] | None = None, seed: int = 0,
               reference_vae: str | None = None, vae_checkpoint: str | None = None, comparison: str | None = None,
               models: Mapping[str, str] | None = None) -> Result:
     """The atlas_map rule: map one query with one method, calibrated on the method's held-out
@@ -105,8 +107,12 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
         min_confidence=mapping["min_confidence"], min_shared_genes=mapping["min_shared_genes"], seed=seed,
         vae_checkpoint=vae_checkpoint, model=model, calibration=fitted)
     truth = q.obs.get(keys.LABEL)
-    metrics, per_label, crosstab = evaluate(table["predicted"], truth, list(ref.obs[keys.LABEL].cat.categories),
-                                            label_set=table["label_set"])
+    reference_labels = list(map(str, ref.obs[keys.LABEL].cat.categories))
+    if unknown := sorted({r for accepted in (correspondence or {}).values() for r in accepted} - set(reference_labels)):
+        raise AtlasError(atlas, f"query '{query}': atlas.atlases.{atlas}.correspondence names labels reference "
+                                f"'{reference}' lacks: {', '.join(unknown[:5])} (its labels: {', '.join(reference_labels[:15])})")
+    metrics, per_label, crosstab = evaluate(table["predicted"], truth, reference_labels, label_set=table["label_set"],
+                                            correspondence=correspondence)
     # the method's calibration, measured on held-out reference cells, beside what the query shows
     held_metrics = json.loads(Path(calibration).read_text())["metrics"]
     metrics.update({f"heldout_{k}" if not k.startswith("heldout") else k: v for k, v in held_metrics.items()
@@ -168,9 +174,9 @@ def compare_stage(*, records: Mapping[str, str], labels: Mapping[str, str], atla
 def rank_methods(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The methods best first, with ``rank``, ``score`` and ``chosen`` (the first), and the rule in words.
 
-    With query labels the reference knows, the score is the accuracy on those cells, averaged
-    with the share of novel-type cells left unassigned where the query has cell types the
-    reference lacks. Without, it is the method's accuracy on held-out reference cells (the query
+    With query labels the reference knows, the score is the share of labelled query cells handled
+    right: a cell of a type the reference has labelled right, a cell of a type it lacks left
+    unassigned (the accuracy, where the query has no such type). Without, it is the method's accuracy on held-out reference cells (the query
     cannot say more). Scores equal to 4 decimals are tied; a tie goes to the lower calibration
     error on held-out reference cells, then to the simpler method (projection, then classifier,
     then latent: fitted once with the map, then a trained classifier, then a trained VAE).
@@ -178,9 +184,13 @@ def rank_methods(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     scored = table["accuracy"].notna().any() if "accuracy" in table else False
     if scored:
         novel = table["unassigned_novel"].notna().any()
-        score = (table["accuracy"] + table["unassigned_novel"]) / 2 if novel else table["accuracy"]
-        rule = ("mean of accuracy on shared types and novel types left unassigned" if novel
-                else "accuracy on shared types")
+        if novel:
+            shared, new = table["n_shared_type_cells"], table["n_novel_type_cells"]
+            score = (table["accuracy"] * shared + table["unassigned_novel"] * new) / (shared + new)
+        else:
+            score = table["accuracy"]
+        rule = ("share of labelled query cells handled right (shared types labelled right, novel types "
+                "left unassigned)" if novel else "accuracy on shared types")
     else:
         score, rule = table["heldout_accuracy"], "accuracy on held-out reference cells"
     simple = {m: i for i, m in enumerate(SIMPLEST_FIRST)}
