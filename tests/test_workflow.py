@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, SHARED_DATA
 from mlflow.tracking import MlflowClient
-from workflow_utils import CONFIG, make_workdir, snakemake, write_config
+from workflow_utils import CONFIG, PBMC68K_TO_PBMC3K, make_workdir, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 STAGES = ("ingest", "qc", "normalize", "embed", "cluster")
@@ -527,7 +527,8 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
         # every default classifier, 5-fold (no donors: stratified)
         "classify": {"tasks": {"pbmc3k": {"celltype": {"target": "label"}}}},
         "train": {"embedding": {"datasets": ["pbmc3k"]}},
-        "atlas": {"atlases": {"pbmc": {"reference": "pbmc3k", "queries": ["pbmc68k"]}}},
+        "atlas": {"atlases": {"pbmc": {"reference": "pbmc3k", "queries": ["pbmc68k"],
+                                       "correspondence": {"pbmc68k": PBMC68K_TO_PBMC3K}}}},
     }
     w = make_workdir(tmp_path / "w", cfg)
     r = snakemake(w, "--cores", "2")
@@ -578,3 +579,13 @@ def test_pbmc3k_clusters_match_published_annotation(tmp_path):
     # query, and no counts: measured 65 on FCGR3A+ Mono, 45 on memory CD4 T, so not asserted.
     for method in ("classifier", "projection"):
         assert crosstabs[method].loc["CD14+ Monocyte"].idxmax() in {"CD14+ Mono", "FCGR3A+ Mono"}
+    # labels you can trust: every method calibrated on held-out PBMC 3k cells (5 stratified folds),
+    # its sets covering 90% of them; the query scored through the correspondence table
+    for method in atlas.index:
+        folder = w / "results" / "atlas" / "pbmc" / "calibration" / method
+        record = json.loads((folder / "run.json").read_text())["metrics"]
+        assert record["ece"] <= 0.05 and abs(record["coverage"] - 0.9) <= 0.02, (method, record)
+        assert pd.read_csv(folder / "coverage.tsv", sep="\t")["label"].tolist()[0] == "all"
+    assert atlas["n_shared_type_cells"].gt(600).all() and atlas["accuracy"].notna().all(), atlas.T
+    chosen = atlas[atlas["chosen"]]
+    assert len(chosen) == 1 and chosen["rank"].iloc[0] == 1

@@ -100,3 +100,21 @@ def child_commands(pid: int) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return lines
+
+
+#: pbmc68k_reduced's bulk_labels (from correlation with sorted populations) -> PBMC 3k's Seurat labels
+#: that count as right: lenient where a sorted population spans two of PBMC 3k's types (CD4 T
+#: subsets, monocytes; dendritic cells, a loose label there, also on monocytes); CD34+ progenitors
+#: have no PBMC 3k counterpart
+PBMC68K_TO_PBMC3K = {
+    "CD14+ Monocyte": ["CD14+ Mono", "FCGR3A+ Mono"],
+    "CD19+ B": ["B"],
+    "CD34+": [],
+    "CD4+/CD25 T Reg": ["Naive CD4 T", "Memory CD4 T"],
+    "CD4+/CD45RA+/CD25- Naive T": ["Naive CD4 T", "Memory CD4 T"],
+    "CD4+/CD45RO+ Memory": ["Naive CD4 T", "Memory CD4 T"],
+    "CD56+ NK": ["NK"],
+    "CD8+ Cytotoxic T": ["CD8 T"],
+    "CD8+/CD45RA+ Naive Cytotoxic": ["CD8 T"],
+    "Dendritic": ["DC", "CD14+ Mono", "FCGR3A+ Mono"],
+}
