@@ -79,7 +79,7 @@ def _simulated_heldout(n=3000, n_labels=5, *, shift=2.0, seed=0, vote_shares=Fal
 @pytest.mark.parametrize("alpha", [0.1, 0.2])
 def test_prediction_sets_cover_the_true_label_as_promised(alpha, vote_shares):
     held = _simulated_heldout(vote_shares=vote_shares)
-    crossed = cal.cross_fit(held, alpha=alpha, seed=0)
+    crossed, _ = cal.cross_fit(held, alpha=alpha, seed=0)
     metrics, _, coverage = cal.summarize(crossed, alpha=alpha)
     assert abs(metrics["coverage"] - (1 - alpha)) <= 0.02
     assert (coverage["label"] == "all").sum() == 1 and len(coverage) == 6
@@ -95,7 +95,7 @@ def test_support_flags_weak_votes_never_sure_calls():
     (an unsmoothed p-value) stays 1 for a unanimous cell and is tiny for a split vote."""
     held = _simulated_heldout(shift=50.0, vote_shares=True)
     assert (held.table["confidence"] == 1).all() and held.correct().all()
-    crossed = cal.cross_fit(held, alpha=0.1, seed=0)
+    crossed, _ = cal.cross_fit(held, alpha=0.1, seed=0)
     assert abs(crossed["covered"].mean() - 0.9) <= 0.02 and (crossed["support"] == 1).all()
     fitted = held.fit(alpha=0.1)
     votes = np.array([[1.0, 0, 0, 0, 0], [9 / 15, 6 / 15, 0, 0, 0]])
@@ -114,14 +114,14 @@ def test_typicality_is_a_conformal_p_value():
 
 
 def test_calibration_brings_the_error_down_on_cells_it_was_not_fitted_on():
-    metrics, table, _ = cal.summarize(cal.cross_fit(_simulated_heldout(), alpha=0.1), alpha=0.1)
+    metrics, table, _ = cal.summarize(cal.cross_fit(_simulated_heldout(), alpha=0.1)[0], alpha=0.1)
     assert metrics["ece_raw"] > 0.1 and metrics["ece"] <= 0.05
     assert set(table["confidence"]) == {"raw", "calibrated"}
 
 
 def test_calibration_is_reproducible():
     held = _simulated_heldout(vote_shares=True)
-    a, b = cal.cross_fit(held, alpha=0.1, seed=4), cal.cross_fit(held, alpha=0.1, seed=4)
+    a, b = cal.cross_fit(held, alpha=0.1, seed=4)[0], cal.cross_fit(held, alpha=0.1, seed=4)[0]
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -230,3 +230,36 @@ def test_a_correspondence_table_for_another_atlas_query_is_a_config_error():
         atlases(validate(cfg, SCHEMA))
     cfg["atlas"]["atlases"]["a"]["correspondence"] = {"q": {"x": ["y"]}}
     assert atlases(validate(cfg, SCHEMA))["a"]["correspondence"] == {"q": {"x": ["y"]}}
+
+
+def test_leaving_a_type_out_measures_how_well_the_rule_catches_it():
+    """Held-out cells of types a and b; the left-out rows relabel each cell without its own type.
+    Cells of a left out sit far away with split votes; cells of b left out look like any other."""
+    rng = np.random.default_rng(5)
+    n = 400
+
+    def rows(labels, votes_a, distance, fold):
+        t = pd.DataFrame({"label": labels, "fold": fold, "best_label": np.where(votes_a >= 0.5, "a", "b"),
+                          "confidence": np.maximum(votes_a, 1 - votes_a), "distance": distance})
+        t["score_a"], t["score_b"] = votes_a, 1 - votes_a
+        return t
+
+    labels = np.repeat(["a", "b"], n // 2)
+    votes = np.where(labels == "a", 1.0, 0.0)
+    fold = rng.integers(0, 4, n)
+    table = rows(labels, votes, rng.gamma(4.0, size=n), fold)
+    left_out = pd.concat([rows(np.full(n // 2, "a"), np.full(n // 2, 0.4), rng.gamma(4.0, size=n // 2) + 20,
+                               fold[: n // 2]),
+                          rows(np.full(n // 2, "b"), np.full(n // 2, 1.0), rng.gamma(4.0, size=n // 2),
+                               fold[n // 2:])])
+    crossed, lo = cal.cross_fit(cal.HeldOut(table, left_out=left_out), alpha=0.1)
+    metrics, novel = cal.novelty(crossed, lo, alpha=0.1, min_confidence=0.5, novelty_alpha=0.01)
+    novel = novel.set_index("left_out")
+    assert novel.loc["a", "auroc_typicality"] > 0.99 and novel.loc["a", "auroc_support"] == 1.0
+    assert novel.loc["a", "unassigned_novel"] == 1.0
+    assert novel.loc["b", "auroc_support"] == 0.5 and novel.loc["b", "unassigned_novel"] < 0.05
+    assert novel.loc["b", "unassigned_known"] < 0.05 and list(novel["n_cells"]) == [200, 200]
+    assert metrics["novel/auroc_typicality"] == pytest.approx(novel["auroc_typicality"].mean())
+    # the classifier has no left-out rows: an empty table, no metrics
+    none_metrics, none_table = cal.novelty(crossed, None, alpha=0.1, min_confidence=0.5)
+    assert none_metrics == {} and none_table.empty and "auroc_support" in none_table

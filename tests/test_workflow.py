@@ -368,6 +368,14 @@ def test_each_method_is_calibrated_on_reference_cells_it_did_not_see(workdir):
         sets = mapped.obs["atlas_label_set"].fillna("").astype(str)
         assert (sets.str.split("|").map(lambda s: len([x for x in s if x])) == mapped.obs["atlas_set_size"]).all()
         assert runs[f"atlas:a/sim5k_q/{method}"].data.metrics["heldout_ece"] == pytest.approx(run.data.metrics["ece"])
+        # each reference type left out in turn (kNN methods): one row per type, AUROCs in [0, 1]
+        novel = pd.read_csv(folder / "novel.tsv", sep="\t")
+        if method == "classifier":
+            assert novel.empty and "novel/auroc_support" not in run.data.metrics
+        else:
+            assert set(novel["left_out"]) == set(coverage.index.drop("all")), novel
+            assert novel[["auroc_support", "auroc_typicality"]].stack().between(0, 1).all()
+            assert run.data.metrics["novel/auroc_typicality"] == pytest.approx(novel["auroc_typicality"].mean())
 
 
 def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):

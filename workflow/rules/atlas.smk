@@ -52,6 +52,7 @@ rule atlas_calibrate:
         heldout="results/atlas/{atlas}/calibration/{method}/heldout.tsv.gz",
         reliability="results/atlas/{atlas}/calibration/{method}/reliability.tsv",
         coverage="results/atlas/{atlas}/calibration/{method}/coverage.tsv",
+        novel="results/atlas/{atlas}/calibration/{method}/novel.tsv",
         figure=report(
             "results/atlas/{atlas}/calibration/{method}/reliability.png",
             caption="../report/atlas_calibration.rst",
@@ -64,6 +65,8 @@ rule atlas_calibrate:
     params:
         reference=get_atlas_field("reference"),
         alpha=config["atlas"]["alpha"],
+        min_confidence=config["atlas"]["min_confidence"],
+        novelty_alpha=config["atlas"]["novelty_alpha"],
         n_neighbors=config["atlas"]["n_neighbors"],
         seed=config["seed"],
     log:

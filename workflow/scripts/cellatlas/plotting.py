@@ -345,11 +345,15 @@ def integration_scores(table: pd.DataFrame, path: str, *, title: str = "") -> No
     _save(fig, path)
 
 
-def reliability(table: pd.DataFrame, coverage: pd.DataFrame, path: str, *, alpha: float, title: str = "") -> None:
+def reliability(table: pd.DataFrame, coverage: pd.DataFrame, crossed: pd.DataFrame, left_out: pd.DataFrame | None,
+                path: str, *, alpha: float, title: str = "") -> None:
     """Left: observed accuracy against confidence per bin, raw and calibrated (marker area: cells),
-    on the diagonal of perfect calibration. Right: each label's coverage of its prediction sets
-    against the promised 1 - alpha."""
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.5, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    on the diagonal of perfect calibration. Middle: each label's coverage of its prediction sets
+    against the promised 1 - alpha. Right (kNN methods): each type left out in turn, the ROC of
+    1 - support telling its cells from the other types' held-out cells."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(14, 3.9), gridspec_kw={"width_ratios": [1, 1.3, 1]})
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
     for name, color in (("raw", "#C44E52"), ("calibrated", "#4C72B0")):
         rows = table[(table["confidence"] == name) & (table["n_cells"] > 0)]
@@ -368,5 +372,21 @@ def reliability(table: pd.DataFrame, coverage: pd.DataFrame, path: str, *, alpha
     bx.set_xlim(0, 1)
     bx.set_xlabel("coverage of the prediction sets")
     bx.set_title(f"red: 1 - alpha = {1 - alpha:g}", fontsize=9)
+    cx.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+    if left_out is not None and len(left_out):
+        for label, new in left_out.groupby("label", observed=True, sort=True):
+            known = crossed[crossed["label"].astype(str) != str(label)]
+            y = np.r_[np.ones(len(new)), np.zeros(len(known))]
+            score = -np.r_[new["support"].to_numpy(), known["support"].to_numpy()]
+            if len(new) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, score)
+            cx.plot(fpr, tpr, lw=1, label=f"{label} ({roc_auc_score(y, score):.2f})")
+        cx.legend(fontsize=6, loc="lower right", title="left out (AUROC)", title_fontsize=7)
+    else:
+        cx.text(0.5, 0.5, "no leave-one-type-out check\nfor the classifier", ha="center", va="center", fontsize=8)
+    cx.set_xlabel("other types' cells flagged")
+    cx.set_ylabel("left-out type's cells flagged")
+    cx.set_title("each type left out: 1 - support", fontsize=9)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)

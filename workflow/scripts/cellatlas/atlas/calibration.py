@@ -202,9 +202,11 @@ class Applied:
 class HeldOut:
     """A method's held-out reference cells: ``table`` has ``label``, ``fold``, ``best_label``,
     ``confidence`` (raw), ``distance`` (mean distance to the nearest reference cells of the other
-    folds) and one ``score_<class>`` column per class the method can give."""
+    folds) and one ``score_<class>`` column per class the method can give. ``left_out``: the same
+    cells labelled as if their type were new (the kNN methods; None for the classifier)."""
 
     table: pd.DataFrame
+    left_out: pd.DataFrame | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -240,27 +242,36 @@ def check_heldout(held: HeldOut, *, atlas: str, method: str, alpha: float) -> No
                                 f"at least {need} in 2 folds are needed (atlas.alpha {alpha:g} needs {math.ceil(1 / alpha)})")
 
 
-def cross_fit(held: HeldOut, *, alpha: float, seed: int = 0) -> pd.DataFrame:
+def cross_fit(held: HeldOut, *, alpha: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Each held-out cell's calibrated confidence and set from a calibration fitted on the other folds.
 
     Returns the held-out table with ``calibrated``, ``support``, ``typicality``, ``set_size``,
-    ``covered`` (its true label is in its set) and ``label_set``.
+    ``covered`` (its true label is in its set) and ``label_set``; and the same for the
+    ``left_out`` cells (None without).
     """
-    table = held.table
+    calibrations = {f: held.fit(alpha=alpha, seed=seed + k, rows=np.flatnonzero(held.table["fold"].to_numpy() != f))
+                    for k, f in enumerate(np.unique(held.table["fold"]))}
+    out = _applied(held.table, held, calibrations)
+    lo = held.left_out
+    return out, (None if lo is None else _applied(lo, held, calibrations))
+
+
+def _applied(table: pd.DataFrame, held: HeldOut, calibrations: dict) -> pd.DataFrame:
+    """``table``'s cells under the calibration of their fold."""
     folds = table["fold"].to_numpy()
     calibrated, typical, support = np.zeros(len(table)), np.zeros(len(table)), np.zeros(len(table))
     sets = np.zeros((len(table), len(held.classes)), bool)
-    scores, distance = held.scores(), table["distance"].to_numpy()
-    for k, f in enumerate(np.unique(folds)):
+    scores = table[[f"score_{c}" for c in held.classes]].to_numpy(dtype=np.float64)
+    distance = table["distance"].to_numpy()
+    for f, cal in calibrations.items():
         test = folds == f
-        cal = held.fit(alpha=alpha, seed=seed + k, rows=np.flatnonzero(~test))
         applied = cal.apply(table["confidence"].to_numpy()[test], scores[test], distance[test])
         calibrated[test], sets[test] = applied.calibrated, applied.sets
         typical[test], support[test] = applied.typicality, applied.support
     classes = np.asarray(held.classes)
     index = {c: i for i, c in enumerate(held.classes)}
     true = table["label"].astype(str).map(index).to_numpy()
-    covered = np.array([pd.notna(t) and bool(sets[i, int(t)]) for i, t in enumerate(true)])
+    covered = np.array([pd.notna(t) and bool(sets[i, int(t)]) for i, t in enumerate(true)], dtype=bool)
     out = table[["label", "fold", "best_label", "confidence", "distance"]].copy()
     out["calibrated"] = calibrated
     out["support"] = support
@@ -269,6 +280,42 @@ def cross_fit(held: HeldOut, *, alpha: float, seed: int = 0) -> pd.DataFrame:
     out["covered"] = covered
     out["label_set"] = label_sets(sets, classes)
     return out
+
+
+def novelty(crossed: pd.DataFrame, left_out: pd.DataFrame | None, *, alpha: float,
+            min_confidence: float, novelty_alpha: float = 0.01) -> tuple[dict[str, float], pd.DataFrame]:
+    """Leave one type out: per reference type, its held-out cells labelled without it against the
+    other types' held-out cells. AUROC of the unassigned rule's two scores (1 - support, 1 -
+    calibrated confidence) and of 1 - typicality; the share of the type left unassigned, and of
+    the other types' cells unassigned (calibrated confidence below ``min_confidence``, support
+    below ``alpha`` or typicality below ``novelty_alpha``; proximity, which only the query's cells
+    have, is left out)."""
+    from sklearn.metrics import roc_auc_score
+
+    def unassigned(t: pd.DataFrame) -> np.ndarray:
+        return ((t["calibrated"] < min_confidence) | (t["support"] < alpha) | (t["typicality"] < novelty_alpha)).to_numpy()
+
+    rows = []
+    for label, new in (left_out if left_out is not None else crossed.iloc[:0]).groupby("label", observed=True,
+                                                                                      sort=True):
+        known = crossed[crossed["label"].astype(str) != str(label)]
+        if len(new) < 2 or not len(known):
+            continue
+        y = np.r_[np.ones(len(new)), np.zeros(len(known))]
+        row = {"left_out": str(label), "n_cells": len(new), "n_known": len(known)}
+        for name, col in (("support", "support"), ("confidence", "calibrated"), ("typicality", "typicality")):
+            row[f"auroc_{name}"] = float(roc_auc_score(y, -np.r_[new[col].to_numpy(), known[col].to_numpy()]))
+        row["unassigned_novel"] = float(unassigned(new).mean())
+        row["unassigned_known"] = float(unassigned(known).mean())
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["left_out", "n_cells", "n_known", "auroc_support", "auroc_confidence",
+                                        "auroc_typicality", "unassigned_novel", "unassigned_known"])
+    if table.empty:
+        return {}, table
+    metrics = {f"novel/{k}": float(table[k].mean()) for k in ("auroc_support", "auroc_confidence", "auroc_typicality",
+                                                                 "unassigned_novel", "unassigned_known")}
+    metrics["novel/auroc_support_min"] = float(table["auroc_support"].min())
+    return metrics, table
 
 
 def label_sets(sets: np.ndarray, classes: np.ndarray) -> list[str]:
@@ -289,7 +336,8 @@ def coverage_table(crossfitted: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(crossfitted: pd.DataFrame, *, alpha: float) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+def summarize(crossfitted: pd.DataFrame, *, alpha: float,
+              novelty_alpha: float = 0.01) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
     """Metrics, the reliability table (raw and calibrated) and the coverage table of a cross-fit."""
     correct = (crossfitted["best_label"].astype(str) == crossfitted["label"].astype(str)).to_numpy()
     before = reliability(crossfitted["confidence"].to_numpy(), correct)
@@ -304,5 +352,6 @@ def summarize(crossfitted: pd.DataFrame, *, alpha: float) -> tuple[dict[str, flo
                "mean_set_size": float(crossfitted["set_size"].mean()),
                "single_label_sets": float((crossfitted["set_size"] == 1).mean()),
                # held-out cells the support rule alone would leave unassigned (all are of known types)
-               "low_support": float((crossfitted["support"] < alpha).mean())}
+               "low_support": float((crossfitted["support"] < alpha).mean()),
+               "low_typicality": float((crossfitted["typicality"] < novelty_alpha).mean())}
     return metrics, table[["confidence", *before.columns]], coverage

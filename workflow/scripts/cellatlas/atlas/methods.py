@@ -143,26 +143,41 @@ def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> t
 
 def heldout_knn(ref, rep: str, *, n_neighbors: int, seed: int = 0) -> HeldOut:
     """The reference's held-out cells for a kNN method: each labelled by the reference cells of
-    the other folds (folds grouped by the map's ``group``, its donors or batches, where it has one)."""
+    the other folds (folds grouped by the map's ``group``, its donors or batches, where it has one).
+
+    Each held-out cell is also labelled once more as if its type were new (``left_out``): by the
+    other folds' cells of every other type, so the leave-one-type-out check costs one more search
+    of the same size. The map's space itself (PCA or VAE) was fitted with every type.
+    """
     labels = ref.obs[keys.LABEL]
     fold, held = heldout_folds(labels, ref.obs["group"] if "group" in ref.obs else None, seed=seed)
     codes = labels.cat.codes.to_numpy()
     categories = np.asarray(labels.cat.categories.astype(str))
     X = np.asarray(ref.obsm[rep], dtype=np.float32)
-    parts = []
-    for f in np.unique(fold[held]):
-        test = np.flatnonzero(held & (fold == f))
-        train = np.flatnonzero((fold != f) & (codes >= 0))
+
+    def vote(test: np.ndarray, train: np.ndarray, f) -> pd.DataFrame:
         indices, distances = ExactSearch(X[train]).query(X[test], k=min(int(n_neighbors), len(train)))
         votes = vote_shares(codes[train][indices], len(categories))
         part = pd.DataFrame({"label": categories[codes[test]], "fold": f, "best_label": categories[votes.argmax(axis=1)],
                              "confidence": votes.max(axis=1), "distance": distances.mean(axis=1)},
                             index=ref.obs_names[test])
-        parts.append(pd.concat([part, pd.DataFrame(votes, index=part.index, columns=[f"score_{c}" for c in categories])],
-                               axis=1))
+        return pd.concat([part, pd.DataFrame(votes, index=part.index, columns=[f"score_{c}" for c in categories])],
+                         axis=1)
+
+    parts, left_out = [], []
+    for f in np.unique(fold[held]):
+        test = np.flatnonzero(held & (fold == f))
+        train = np.flatnonzero((fold != f) & (codes >= 0))
+        parts.append(vote(test, train, f))
+        for c in np.unique(codes[test]):
+            others = train[codes[train] != c]
+            if len(others):
+                left_out.append(vote(test[codes[test] == c], others, f))
     table = pd.concat(parts).loc[ref.obs_names[held]]
     table.index.name = "cell"
-    return HeldOut(table)
+    lo = pd.concat(left_out) if left_out else table.iloc[:0]
+    lo.index.name = "cell"
+    return HeldOut(table, left_out=lo)
 
 
 def neighbour_distance(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int, exclude=None) -> np.ndarray:
@@ -219,16 +234,17 @@ def classifier_transfer(model, X_aligned) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
-           calibration: Calibration | None = None) -> pd.DataFrame:
+           calibration: Calibration | None = None, novelty_alpha: float = 0.01) -> pd.DataFrame:
     """``confidence``, the prediction set, ``support``, ``typicality`` and ``predicted`` (or unassigned).
 
     ``confidence`` is the calibrated chance that ``best_label`` is right (without a calibration,
     the raw agreement or probability, kept as ``raw_confidence``); ``scores`` (cells x the
     calibration's classes) give the prediction sets and the best label's support. A cell is
     unassigned when its confidence, times its proximity for the kNN methods, is below
-    ``min_confidence``, or when its best label's support is below the calibration's alpha (its
+    ``min_confidence``; when its best label's support is below the calibration's alpha (its
     neighbours or its classifier back it less than the true label of all but alpha of the
-    held-out reference cells).
+    held-out reference cells); or when its typicality is below ``novelty_alpha`` (it is farther
+    from its nearest reference cells than all but that share of held-out reference cells).
     """
     out = table.copy()
     out["raw_confidence"] = out["probability"] if "probability" in out else out["agreement"]
@@ -240,7 +256,7 @@ def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
         out["confidence"], out["support"], out["typicality"] = applied.calibrated, applied.support, applied.typicality
         out["label_set"] = label_sets(applied.sets, np.asarray(calibration.classes))
         out["set_size"] = applied.sets.sum(axis=1)
-        weak = applied.support < calibration.alpha
+        weak = (applied.support < calibration.alpha) | (applied.typicality < novelty_alpha)
     support = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
     out["predicted"] = np.where((support >= min_confidence) & ~weak, out["best_label"], UNASSIGNED)
     return out
@@ -281,7 +297,7 @@ def _blocks(n: int):
 
 def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_neighbors: int = 15,
               min_confidence: float = 0.5, min_shared_genes: int = 100, seed: int = 0, vae_checkpoint: str | None = None,
-              model=None, calibration: Calibration | None = None):
+              model=None, calibration: Calibration | None = None, novelty_alpha: float = 0.01):
     """Map ``q`` (the query's normalize.h5ad) onto the map ``ref`` with one method.
 
     Every method places the cells in the reference PCA (``obsm["X_atlas_pca"]``); projection and
@@ -336,6 +352,6 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
             scores, classes = np.vstack([p for _, p in parts]), np.asarray(model.classes_).astype(str)
     if calibration is not None:
         scores = _in_order(scores, classes, calibration.classes)
-    table = assign(table, scores, min_confidence=min_confidence, calibration=calibration)
+    table = assign(table, scores, min_confidence=min_confidence, calibration=calibration, novelty_alpha=novelty_alpha)
     table.index = q.obs_names
     return table, obsm, info

@@ -48,13 +48,15 @@ def best_model(comparison: str) -> str:
 
 
 def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: str, alpha: float,
-                    n_neighbors: int, seed: int = 0, reference_vae: str | None = None, comparison: str | None = None,
-                    predictions: Mapping[str, str] | None = None) -> Result:
+                    min_confidence: float, novelty_alpha: float, n_neighbors: int, seed: int = 0,
+                    reference_vae: str | None = None,
+                    comparison: str | None = None, predictions: Mapping[str, str] | None = None) -> Result:
     """The atlas_calibrate rule: a method's held-out reference cells, its calibration and
-    prediction sets measured on them by cross-fitting (:mod:`cellatlas.atlas.calibration`)."""
+    prediction sets measured on them by cross-fitting, and (kNN methods) each reference type left
+    out in turn (:mod:`cellatlas.atlas.calibration`)."""
     import anndata as ad
 
-    from cellatlas.atlas.calibration import check_heldout, cross_fit, summarize
+    from cellatlas.atlas.calibration import check_heldout, cross_fit, novelty, summarize
     from cellatlas.atlas.methods import heldout_classifier, heldout_knn
 
     chosen = ""
@@ -67,14 +69,21 @@ def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: s
             ref = with_vae(ref, ad.read_h5ad(reference_vae))
         held = heldout_knn(ref, VAE if method == "latent" else PCA, n_neighbors=n_neighbors, seed=seed)
     check_heldout(held, atlas=atlas, method=method, alpha=alpha)
-    crossed = cross_fit(held, alpha=alpha, seed=seed)
-    metrics, table, coverage = summarize(crossed, alpha=alpha)
+    crossed, left_out = cross_fit(held, alpha=alpha, seed=seed)
+    metrics, table, coverage = summarize(crossed, alpha=alpha, novelty_alpha=novelty_alpha)
+    novel_metrics, novel = novelty(crossed, left_out, alpha=alpha, min_confidence=min_confidence,
+                                   novelty_alpha=novelty_alpha)
+    metrics.update(novel_metrics)
+    notes = [] if left_out is not None else [
+        "no leave-one-type-out check: it would refit the classifier once per type (novel.tsv is empty)"]
     heldout = pd.concat([crossed, held.table.filter(like="score_")], axis=1)
     title = f"atlas {atlas}: {method}" + (f" ({chosen})" if chosen else "") + f", {len(heldout)} held-out reference cells"
     log.info("atlas %s, method %s: %s", atlas, method, metrics)
-    return Result(metrics=metrics, params={"best_model": chosen} if chosen else {},
-                  tables={"heldout": heldout.reset_index(), "reliability": table, "coverage": coverage},
-                  figures={"figure": plot(plotting.reliability, table, coverage, alpha=alpha, title=title)})
+    return Result(metrics=metrics, params={"best_model": chosen} if chosen else {}, notes=notes,
+                  tables={"heldout": heldout.reset_index(), "reliability": table, "coverage": coverage,
+                          "novel": novel},
+                  figures={"figure": plot(plotting.reliability, table, coverage, crossed, left_out, alpha=alpha,
+                                          title=title)})
 
 
 def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str, query: str, method: str,
@@ -104,7 +113,8 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
     fitted = held.fit(alpha=mapping["alpha"], seed=seed)
     table, obsm, info = map_query(
         ref, q, atlas=atlas, reference=reference, query=query, method=method, n_neighbors=mapping["n_neighbors"],
-        min_confidence=mapping["min_confidence"], min_shared_genes=mapping["min_shared_genes"], seed=seed,
+        min_confidence=mapping["min_confidence"], novelty_alpha=mapping["novelty_alpha"],
+        min_shared_genes=mapping["min_shared_genes"], seed=seed,
         vae_checkpoint=vae_checkpoint, model=model, calibration=fitted)
     truth = q.obs.get(keys.LABEL)
     reference_labels = list(map(str, ref.obs[keys.LABEL].cat.categories))
