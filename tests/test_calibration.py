@@ -92,7 +92,8 @@ def test_prediction_sets_cover_the_true_label_as_promised(alpha, vote_shares):
 def test_support_flags_weak_votes_never_sure_calls():
     """A perfectly separated reference: every held-out cell's vote is unanimous and right. Exact
     coverage at alpha 0.1 empties a tenth of the sets at random, but the best label's support
-    (an unsmoothed p-value) stays 1 for a unanimous cell and is tiny for a split vote."""
+    (an unsmoothed p-value among that label's held-out cells) stays 1 for a unanimous cell and is
+    tiny for a split vote."""
     held = _simulated_heldout(shift=50.0, vote_shares=True)
     assert (held.table["confidence"] == 1).all() and held.correct().all()
     crossed, _ = cal.cross_fit(held, alpha=0.1, seed=0)
@@ -100,7 +101,8 @@ def test_support_flags_weak_votes_never_sure_calls():
     fitted = held.fit(alpha=0.1)
     votes = np.array([[1.0, 0, 0, 0, 0], [9 / 15, 6 / 15, 0, 0, 0]])
     applied = fitted.apply(votes.max(axis=1), votes, np.array([1.0, 1.0]))
-    assert applied.support[0] == 1 and applied.support[1] == pytest.approx(1 / (len(held.table) + 1))
+    n_c0 = int((held.table["label"] == "c0").sum())  # support is judged among the best label's own cells
+    assert applied.support[0] == 1 and applied.support[1] == pytest.approx(1 / (n_c0 + 1))
     assert not applied.sets[1].any()
 
 
@@ -263,3 +265,15 @@ def test_leaving_a_type_out_measures_how_well_the_rule_catches_it():
     # the classifier has no left-out rows: an empty table, no metrics
     none_metrics, none_table = cal.novelty(crossed, None, alpha=0.1, min_confidence=0.5)
     assert none_metrics == {} and none_table.empty and "auroc_support" in none_table
+
+
+def test_a_hard_label_is_covered_as_well_as_the_easy_ones():
+    """One label's cells are never scored above 0.6 while the others are sure: a single pool would
+    leave that label's true scores in the pool's worst tenth, class-conditional sets cover it."""
+    held = _simulated_heldout(n=4000, shift=4.0)
+    table = held.table.copy()
+    hard = table["label"] == "c4"
+    table.loc[hard, "score_c4"] = np.minimum(table.loc[hard, "score_c4"], 0.6)
+    crossed, _ = cal.cross_fit(cal.HeldOut(table), alpha=0.1)
+    per = cal.coverage_table(crossed).set_index("label")["coverage"]
+    assert per.drop("all").between(0.86, 0.94).all(), per

@@ -184,7 +184,7 @@ def test_a_config_the_tracker_refuses_fails_in_one_line_and_leaves_no_run_runnin
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(TrackingError, match=r"^the invocation's parent run could not record the config in sqlite"):
-        invocation.start_parent(uri=uri, experiment="t", config={"subset": {"pct(mt)": 1}}, workdir=tmp_path)
+        invocation.start_parent(uri=uri, experiment="t", config={"subset": {"x" * 300: 1}}, workdir=tmp_path)  # keys: 250 characters at most
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert run.info.status == "FAILED" and tracking.ENV_PARENT not in os.environ

@@ -21,6 +21,7 @@ CLASSIFY_RUNS = [
     "classify:sim5k/cell_type/comparison", "regress:sim5k/program/comparison",
     "classify:sim5k/cell_type/mlp", "train:sim5k/vae", "train:sim5k/vae/cluster",
     "atlas:a/reference", "atlas:a/reference/vae", *[f"atlas:a/sim5k_q/{m}" for m in METHODS], "atlas:a/sim5k_q/comparison",
+    *[f"atlas:a/{m}/calibration" for m in METHODS],
     *[f"integrate:sim5k/{m}" for m in ("pca", "harmony", "bbknn", "vae", "vae_labels")], "integrate:sim5k",
 ]
 

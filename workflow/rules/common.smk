@@ -339,6 +339,7 @@ def get_all_records():
         records.append(f"{base}/reference/run.json")
         if "latent" in spec["methods"]:
             records.append(f"{base}/reference_vae/run.json")
+        records += [f"{base}/calibration/{m}/run.json" for m in spec["methods"]]
         for q in spec["queries"]:
             records += [f"{base}/{q}/{m}/run.json" for m in spec["methods"]] + [f"{base}/{q}/comparison/run.json"]
     return records

@@ -241,10 +241,10 @@ def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
     the raw agreement or probability, kept as ``raw_confidence``); ``scores`` (cells x the
     calibration's classes) give the prediction sets and the best label's support. A cell is
     unassigned when its confidence, times its proximity for the kNN methods, is below
-    ``min_confidence``; when its best label's support is below the calibration's alpha (its
-    neighbours or its classifier back it less than the true label of all but alpha of the
-    held-out reference cells); or when its typicality is below ``novelty_alpha`` (it is farther
-    from its nearest reference cells than all but that share of held-out reference cells).
+    ``min_confidence``; or when its best label's support or its typicality is below
+    ``novelty_alpha``: its neighbours (or its classifier) back its best label less than the true
+    label of all but that share of the held-out cells of that type, or it is farther from its
+    nearest reference cells than all but that share of the held-out cells.
     """
     out = table.copy()
     out["raw_confidence"] = out["probability"] if "probability" in out else out["agreement"]
@@ -256,7 +256,7 @@ def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
         out["confidence"], out["support"], out["typicality"] = applied.calibrated, applied.support, applied.typicality
         out["label_set"] = label_sets(applied.sets, np.asarray(calibration.classes))
         out["set_size"] = applied.sets.sum(axis=1)
-        weak = (applied.support < calibration.alpha) | (applied.typicality < novelty_alpha)
+        weak = (applied.support < novelty_alpha) | (applied.typicality < novelty_alpha)
     support = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
     out["predicted"] = np.where((support >= min_confidence) & ~weak, out["best_label"], UNASSIGNED)
     return out
