@@ -350,7 +350,7 @@ def reliability(table: pd.DataFrame, coverage: pd.DataFrame, crossed: pd.DataFra
     """Left: observed accuracy against confidence per bin, raw and calibrated (marker area: cells),
     on the diagonal of perfect calibration. Middle: each label's coverage of its prediction sets
     against the promised 1 - alpha. Right (kNN methods): each type left out in turn, the ROC of
-    1 - support telling its cells from the other types' held-out cells."""
+    1 - typicality telling its cells from the other types' held-out cells."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(14, 3.9), gridspec_kw={"width_ratios": [1, 1.3, 1]})
@@ -377,7 +377,7 @@ def reliability(table: pd.DataFrame, coverage: pd.DataFrame, crossed: pd.DataFra
         for label, new in left_out.groupby("label", observed=True, sort=True):
             known = crossed[crossed["label"].astype(str) != str(label)]
             y = np.r_[np.ones(len(new)), np.zeros(len(known))]
-            score = -np.r_[new["support"].to_numpy(), known["support"].to_numpy()]
+            score = -np.r_[new["typicality"].to_numpy(), known["typicality"].to_numpy()]
             if len(new) < 2:
                 continue
             fpr, tpr, _ = roc_curve(y, score)
@@ -387,6 +387,6 @@ def reliability(table: pd.DataFrame, coverage: pd.DataFrame, crossed: pd.DataFra
         cx.text(0.5, 0.5, "no leave-one-type-out check\nfor the classifier", ha="center", va="center", fontsize=8)
     cx.set_xlabel("other types' cells flagged")
     cx.set_ylabel("left-out type's cells flagged")
-    cx.set_title("each type left out: 1 - support", fontsize=9)
+    cx.set_title("each type left out: 1 - typicality", fontsize=9)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
