@@ -125,8 +125,8 @@ def headline_metrics(results: str | Path, config_hash: str | None = None) -> tup
     Per dataset: cells kept, best ARI (PCA and VAE), batch mixing; per task: the best model's
     cross-validated primary metric, its margin over the next model (tag: which model) and every
     model's; per integrated dataset and method: scIB total, batch mixing, held-out total (tag: the
-    method chosen); per atlas, query and method: accuracy, unassigned share, prediction-set
-    coverage, held-out calibration error and coverage (tag: the method chosen).
+    method chosen); per atlas, query and method: accuracy and unassigned share (tag: the method
+    chosen; the calibration's figures are in the mapping runs).
     """
     results = Path(results)
     metrics: dict[str, float] = {}
@@ -159,7 +159,7 @@ def headline_metrics(results: str | Path, config_hash: str | None = None) -> tup
                 tags[f"cellatlas.integration.{row['dataset']}"] = str(row["method"])
     if (atlases := _current(results / "atlas.tsv", config_hash)) is not None:
         for row in atlases.to_dict("records"):
-            for col in ("accuracy", "unassigned_fraction", "set_coverage", "heldout_ece", "heldout_coverage"):
+            for col in ("accuracy", "unassigned_fraction"):
                 put(naming.headline("atlas", row["atlas"], row["query"], row["method"], col), row.get(col))
             if row.get("chosen") is True or str(row.get("chosen")) == "True":
                 tags[f"cellatlas.atlas.{row['atlas']}.{row['query']}"] = str(row["method"])
