@@ -8,8 +8,8 @@ The real workflow with `--cores 2`: PBMC 3k (2,638 cells, the Seurat tutorial's 
 every stage, its classify task (logistic regression and kNN, 5 stratified folds: one donor), its
 VAE, the reference map, each method's calibration (atlas_calibrate) and the mapping of
 pbmc68k_reduced (700 PBMCs of another 10x chemistry, log-normalized values, other label names).
-Per method: the held-out cells' accuracy, expected calibration error before and after isotonic
-calibration, conformal coverage overall and per label; per query: unassigned share and mean set
+Per method: the held-out cells' accuracy, expected calibration error before and after calibration
+(Platt scaling), conformal coverage overall and per label; per query: unassigned share and mean set
 size. Writes benchmarks/out/calibration_pbmc3k/result.json.
 """
 

@@ -277,3 +277,27 @@ def test_a_hard_label_is_covered_as_well_as_the_easy_ones():
     crossed, _ = cal.cross_fit(cal.HeldOut(table), alpha=0.1)
     per = cal.coverage_table(crossed).set_index("label")["coverage"]
     assert per.drop("all").between(0.86, 0.94).all(), per
+
+
+def test_the_classifiers_heldout_cells_keep_integer_labels_and_get_folds_when_the_task_has_one():
+    """A task whose labels are integer codes, one test fold (the batches split), and an unlabelled
+    cell that reads back as NaN: the labels stay '1', not '1.0', and the cells get 5 folds."""
+    import anndata as ad
+    from cellatlas.atlas.methods import heldout_classifier
+
+    rng = np.random.default_rng(0)
+    n = 300
+    ref = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]), obsm={"X_pca": rng.normal(size=(n, 4))})
+    target = rng.integers(1, 3, n).astype(str).astype(object)
+    target[0] = None
+    p1 = np.clip(rng.random(n), 0.01, 0.99)
+    predictions = pd.DataFrame({"cell": ref.obs_names, "target": target, "test_fold": 0,
+                                "prob_1": p1, "prob_2": 1 - p1,
+                                "source": ["final_model"] + ["out_of_fold"] * (n - 1)})
+    path = f"{pytest.importorskip('tempfile').mkdtemp()}/p.tsv.gz"
+    predictions.to_csv(path, sep="\t", index=False)
+    read = pd.read_csv(path, sep="\t", dtype={"cell": str, "target": str, "prediction": str})
+    held = heldout_classifier(read, ref, n_neighbors=5)
+    assert set(held.table["label"]) == {"1", "2"} and held.classes == ["1", "2"]
+    assert held.table["fold"].nunique() == 5 and len(held.table) == n - 1
+    assert held.correct().mean() > 0.3 and held.table["distance"].gt(0).all()

@@ -81,21 +81,21 @@ def heldout_folds(labels: pd.Series, groups: pd.Series | None = None, *, n_split
         for k, (_, test) in enumerate(parts):
             fold[labelled[test]] = k
     heldout = np.zeros(len(y), bool)
-    if len(labelled) <= max_cells:
-        heldout[labelled] = True
-    else:
-        from sklearn.model_selection import train_test_split
-
-        keep, _ = train_test_split(labelled, train_size=max_cells, random_state=seed,
-                                   stratify=_stratifiable(y[labelled].astype(str)))
-        heldout[keep] = True
+    heldout[labelled[sample(y[labelled].astype(str), max_cells, seed=seed)]] = True
     return fold, heldout
 
 
-def _stratifiable(y: np.ndarray) -> np.ndarray | None:
-    """Labels to stratify a sample by, or None when a label has a single cell (scikit-learn refuses)."""
-    _, counts = np.unique(y, return_counts=True)
-    return y if counts.min() >= 2 else None
+def sample(y: np.ndarray, max_cells: int = MAX_HELDOUT, *, seed: int = 0) -> np.ndarray:
+    """Positions of a seeded sample of at most ``max_cells`` of ``y``, stratified by label where
+    scikit-learn can (every label twice, and as many cells left over as labels)."""
+    if len(y) <= max_cells:
+        return np.arange(len(y))
+    from sklearn.model_selection import train_test_split
+
+    labels, counts = np.unique(y, return_counts=True)
+    stratify = y if counts.min() >= 2 and len(y) - max_cells >= len(labels) and max_cells >= len(labels) else None
+    keep, _ = train_test_split(np.arange(len(y)), train_size=max_cells, random_state=seed, stratify=stratify)
+    return np.sort(keep)
 
 
 def p_values(calibration: np.ndarray, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -13,7 +13,7 @@ from cellatlas import keys
 from cellatlas.errors import AtlasError
 
 from cellatlas.atlas import GRAPH, METHODS, PCA, UMAP, UNASSIGNED, VAE, VAE_UMAP
-from cellatlas.atlas.calibration import Calibration, HeldOut, heldout_folds, label_sets
+from cellatlas.atlas.calibration import N_FOLDS, Calibration, HeldOut, heldout_folds, label_sets, sample
 from cellatlas.atlas.genes import GeneAlignment, align_genes, check_overlap
 from cellatlas.atlas.reference import MIN_LABEL_CELLS, mahalanobis, proximity
 
@@ -167,7 +167,8 @@ def heldout_knn(ref, rep: str, *, n_neighbors: int, seed: int = 0) -> HeldOut:
     parts, left_out = [], []
     for f in np.unique(fold[held]):
         test = np.flatnonzero(held & (fold == f))
-        train = np.flatnonzero((fold != f) & (codes >= 0))
+        # unlabelled cells (fold -1) stay among the neighbours, voting for none, as for a query cell
+        train = np.flatnonzero(fold != f)
         parts.append(vote(test, train, f))
         for c in np.unique(codes[test]):
             others = train[codes[train] != c]
@@ -187,18 +188,22 @@ def neighbour_distance(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int
     return distances.mean(axis=1)
 
 
-def heldout_classifier(predictions: pd.DataFrame, ref, *, n_neighbors: int) -> HeldOut:
-    """The classifier's held-out cells: the classify stage's out-of-fold predictions (its folds),
-    with each cell's distance to the reference cells outside its fold in the map's PCA."""
-    oof = predictions[predictions["source"] == "out_of_fold"]
+def heldout_classifier(predictions: pd.DataFrame, ref, *, n_neighbors: int, seed: int = 0) -> HeldOut:
+    """The classifier's held-out cells: the classify stage's out-of-fold predictions (its folds;
+    seeded random folds where the task has one test fold, as the batches split does), at most
+    :data:`~cellatlas.atlas.calibration.MAX_HELDOUT` of them, with each cell's distance to the
+    reference cells outside its fold in the map's PCA. ``predictions`` must hold its labels as text."""
+    oof = predictions[(predictions["source"] == "out_of_fold") & predictions["cell"].astype(str).isin(ref.obs_names)]
+    oof = oof.iloc[sample(oof["target"].astype(str).to_numpy(), seed=seed)]
     probs = [c for c in oof.columns if c.startswith("prob_")]
     classes = np.asarray([c[len("prob_"):] for c in probs])
     P = oof[probs].to_numpy(dtype=np.float64)
-    table = pd.DataFrame({"label": oof["target"].astype(str).to_numpy(), "fold": oof["test_fold"].to_numpy(),
+    fold = oof["test_fold"].to_numpy()
+    if len(np.unique(fold)) < 2:
+        fold = np.random.default_rng(seed).permutation(len(oof)) % N_FOLDS
+    table = pd.DataFrame({"label": oof["target"].astype(str).to_numpy(), "fold": fold,
                           "best_label": classes[P.argmax(axis=1)], "confidence": P.max(axis=1)},
                          index=pd.Index(oof["cell"].astype(str).to_numpy(), name="cell"))
-    table = table[table.index.isin(ref.obs_names)]
-    P = P[np.asarray(oof["cell"].astype(str).isin(ref.obs_names))]
     pcs = np.asarray(ref.obsm[PCA])
     table["distance"] = np.nan
     for f in np.unique(table["fold"]):

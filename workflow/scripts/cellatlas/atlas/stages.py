@@ -63,7 +63,9 @@ def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: s
     ref = ad.read_h5ad(reference_map)
     if method == "classifier":
         chosen = best_model(comparison)
-        held = heldout_classifier(pd.read_csv(predictions[chosen], sep="\t"), ref, n_neighbors=n_neighbors)
+        # labels as text: integer codes ("1") would come back as floats where some cells have none
+        table = pd.read_csv(predictions[chosen], sep="\t", dtype={"cell": str, "target": str, "prediction": str})
+        held = heldout_classifier(table, ref, n_neighbors=n_neighbors, seed=seed)
     else:
         if method == "latent":
             ref = with_vae(ref, ad.read_h5ad(reference_vae))
@@ -109,7 +111,8 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
     if method == "classifier":
         chosen = best_model(comparison)
         model = joblib.load(models[chosen])
-    held = HeldOut(pd.read_csv(heldout, sep="\t", index_col="cell"))
+    held = HeldOut(pd.read_csv(heldout, sep="\t", index_col="cell",
+                               dtype={"cell": str, "label": str, "best_label": str, "label_set": str}))
     fitted = held.fit(alpha=mapping["alpha"], seed=seed)
     table, obsm, info = map_query(
         ref, q, atlas=atlas, reference=reference, query=query, method=method, n_neighbors=mapping["n_neighbors"],
