@@ -3,6 +3,7 @@ sets on PBMC 3k's own held-out cells, and what they do to scanpy's pbmc68k_reduc
 
     python benchmarks/calibration_benchmark.py                 # needs ../shared/data (PBMC 3k)
     python benchmarks/calibration_benchmark.py --alpha 0.05
+    python benchmarks/calibration_benchmark.py --no-scale     # the map's PCA without per-gene scaling
 
 The real workflow with `--cores 2`: PBMC 3k (2,638 cells, the Seurat tutorial's nine labels) through
 every stage, its classify task (logistic regression and kNN, 5 stratified folds: one donor), its
@@ -36,8 +37,9 @@ PBMC3K = HERE.parent.parent / "shared" / "data" / "pbmc3k" / "pbmc3k_counts_labe
 METHODS = ("projection", "latent", "classifier")
 
 
-def config(alpha: float) -> dict:
+def config(alpha: float, scale: bool) -> dict:
     return {
+        "embed": {"scale": scale},
         "datasets": {
             "pbmc3k": {"source": {"kind": "h5ad", "path": str(PBMC3K)}, "label_key": "celltype_seurat"},
             "pbmc68k": {"source": {"kind": "scanpy", "name": "pbmc68k_reduced"}, "matrix": "raw", "values": "lognorm",
@@ -55,16 +57,18 @@ def config(alpha: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--no-scale", action="store_true", help="embed.scale false: the PCA (and so the map) "
+                        "without per-gene scaling (its own results folder)")
     parser.add_argument("--fresh", action="store_true", help="start from an empty results folder (else only "
                         "what changed reruns, and wall_seconds is that invocation's)")
     args = parser.parse_args()
     if not PBMC3K.exists():
         sys.exit(f"{PBMC3K} is missing: this benchmark needs the shared PBMC 3k data")
-    out = HERE / "out" / "calibration_pbmc3k"
+    out = HERE / "out" / ("calibration_pbmc3k_noscale" if args.no_scale else "calibration_pbmc3k")
     workdir = out / "workflow"
     if args.fresh:
         shutil.rmtree(workdir, ignore_errors=True)
-    make_workdir(workdir, config(args.alpha))
+    make_workdir(workdir, config(args.alpha, not args.no_scale))
     t = time.perf_counter()
     # the atlas's calibration and mappings always run again (the library may have changed); the
     # reference's chain, classify task and VAE only where the config changed
@@ -74,7 +78,7 @@ def main() -> None:
     (out / "snakemake.log").write_text(r.stdout + r.stderr)
     result = {"machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
                          f"Python {platform.python_version()}",
-              "alpha": args.alpha, "wall_seconds": round(wall, 1), "completed": r.returncode == 0}
+              "alpha": args.alpha, "embed_scale": not args.no_scale, "wall_seconds": round(wall, 1), "completed": r.returncode == 0}
     if r.returncode != 0:
         result["failure"] = r.stderr[-3000:]
     else:
