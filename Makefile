@@ -28,7 +28,7 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install
 	$(BIN)/python -m pytest -v -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-# the unit tests, spread over the cores: no workflow run, server, cluster or real data (under 3 minutes;
+# the unit tests, spread over the cores: no workflow run, server, cluster or real data (about 3 minutes;
 # for development). `make test` runs them all.
 test-fast: install
 	$(BIN)/python -m pytest -m "not workflow and not server and not shared_data" -n $(XDIST) -q
