@@ -80,7 +80,7 @@ def _simulated_heldout(n=3000, n_labels=5, *, shift=2.0, seed=0, vote_shares=Fal
 def test_prediction_sets_cover_the_true_label_as_promised(alpha, vote_shares):
     held = _simulated_heldout(vote_shares=vote_shares)
     crossed, _ = cal.cross_fit(held, alpha=alpha, seed=0)
-    metrics, _, coverage = cal.summarize(crossed, alpha=alpha)
+    metrics, _, coverage = cal.summarize(crossed)
     assert abs(metrics["coverage"] - (1 - alpha)) <= 0.02
     assert (coverage["label"] == "all").sum() == 1 and len(coverage) == 6
     assert coverage.loc[coverage["label"] != "all", "coverage"].between(1 - alpha - 0.06, 1 - alpha + 0.06).all()
@@ -116,7 +116,7 @@ def test_typicality_is_a_conformal_p_value():
 
 
 def test_calibration_brings_the_error_down_on_cells_it_was_not_fitted_on():
-    metrics, table, _ = cal.summarize(cal.cross_fit(_simulated_heldout(), alpha=0.1)[0], alpha=0.1)
+    metrics, table, _ = cal.summarize(cal.cross_fit(_simulated_heldout(), alpha=0.1)[0])
     assert metrics["ece_raw"] > 0.1 and metrics["ece"] <= 0.05
     assert set(table["confidence"]) == {"raw", "calibrated"}
 
@@ -255,7 +255,7 @@ def test_leaving_a_type_out_measures_how_well_the_rule_catches_it():
                           rows(np.full(n // 2, "b"), np.full(n // 2, 1.0), rng.gamma(4.0, size=n // 2),
                                fold[n // 2:])])
     crossed, lo = cal.cross_fit(cal.HeldOut(table, left_out=left_out), alpha=0.1)
-    metrics, novel = cal.novelty(crossed, lo, alpha=0.1, min_confidence=0.5, novelty_alpha=0.01)
+    metrics, novel = cal.novelty(crossed, lo, min_confidence=0.5, novelty_alpha=0.01)
     novel = novel.set_index("left_out")
     assert novel.loc["a", "auroc_typicality"] > 0.99 and novel.loc["a", "auroc_support"] == 1.0
     assert novel.loc["a", "unassigned_novel"] == 1.0
@@ -263,7 +263,7 @@ def test_leaving_a_type_out_measures_how_well_the_rule_catches_it():
     assert novel.loc["b", "unassigned_known"] < 0.05 and list(novel["n_cells"]) == [200, 200]
     assert metrics["novel/auroc_typicality"] == pytest.approx(novel["auroc_typicality"].mean())
     # the classifier has no left-out rows: an empty table, no metrics
-    none_metrics, none_table = cal.novelty(crossed, None, alpha=0.1, min_confidence=0.5)
+    none_metrics, none_table = cal.novelty(crossed, None, min_confidence=0.5)
     assert none_metrics == {} and none_table.empty and "auroc_support" in none_table
 
 
@@ -301,3 +301,12 @@ def test_the_classifiers_heldout_cells_keep_integer_labels_and_get_folds_when_th
     assert set(held.table["label"]) == {"1", "2"} and held.classes == ["1", "2"]
     assert held.table["fold"].nunique() == 5 and len(held.table) == n - 1
     assert held.correct().mean() > 0.3 and held.table["distance"].gt(0).all()
+
+
+def test_a_correspondence_naming_a_label_the_reference_lacks_is_a_one_line_error():
+    from cellatlas.atlas.evaluate import check_correspondence
+
+    with pytest.raises(AtlasError, match=r"^atlas 'a': query 'q': atlas.atlases.a.correspondence names labels "
+                                         r"reference 'r' lacks: Mono \(its labels: B, T\)$"):
+        check_correspondence({"Monocyte": ["Mono"], "B cell": ["B"]}, ["T", "B"], atlas="a", reference="r", query="q")
+    check_correspondence({"B cell": ["B"], "Progenitor": []}, ["T", "B"], atlas="a", reference="r", query="q")

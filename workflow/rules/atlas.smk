@@ -1,7 +1,8 @@
 # Atlas mapping. A reference's fitted stages (PCA, UMAP, graph; the VAE; the best classifier) are
-# gathered once per atlas into a reference map; each query is placed on it and labelled by every
-# method, calibrated on the reference cells each method did not see, then the methods are compared. Jobs carry only the atlas fields they use, so adding a
-# query reruns nothing of the reference or of the other queries.
+# gathered once per atlas into a reference map; each method is calibrated once on the reference
+# cells it did not see; each query is placed on the map and labelled by every method, then the
+# methods are compared. Jobs carry only the atlas fields they use, so adding a query reruns nothing
+# of the reference, of the calibrations or of the other queries.
 
 
 rule atlas_reference:

@@ -7,6 +7,7 @@ from pathlib import Path
 # The library lives beside the scripts; the Snakefile needs it too (config checks, hooks).
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
+from cellatlas.config import CALIBRATION_DIR  # noqa: E402
 from cellatlas.errors import CellAtlasError, ConfigError  # noqa: E402
 from snakemake.exceptions import WorkflowError  # noqa: E402
 
@@ -166,7 +167,7 @@ def get_cluster_input(wildcards):
 
 
 #: a query's folder beside the atlas's calibration/ (cellatlas.config reserves the name)
-ATLAS_QUERY = r"(?!calibration/)[A-Za-z][A-Za-z0-9_-]*"
+ATLAS_QUERY = rf"(?!{CALIBRATION_DIR}/)[A-Za-z][A-Za-z0-9_-]*"
 
 
 def get_atlases():

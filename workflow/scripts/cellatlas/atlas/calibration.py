@@ -60,7 +60,8 @@ def heldout_folds(labels: pd.Series, groups: pd.Series | None = None, *, n_split
 
     Grouped (no group in two folds) when ``groups`` has at least two values; stratified by label
     otherwise. Returns ``(fold, heldout)``; ``heldout`` marks a stratified seeded sample of at
-    most ``max_cells`` labelled cells.
+    most ``max_cells`` labelled cells. Not the classify stage's ``make_folds``: it leaves out a
+    class with fewer cells than folds, and rare types are the ones calibration must keep.
     """
     import warnings
 
@@ -210,8 +211,7 @@ class Applied:
     calibrated: np.ndarray
     #: cells x classes: the label is in the cell's prediction set (smoothed p-value >= alpha)
     sets: np.ndarray
-    #: the best label's unsmoothed conformal p-value: below alpha, its support is weaker than the
-    #: true label's on all but alpha of the held-out cells
+    #: the best label's unsmoothed conformal p-value among the held-out cells of that label
     support: np.ndarray
     #: out-of-reference score: conformal p-value of the cell's distance to its nearest reference cells
     typicality: np.ndarray
@@ -231,27 +231,29 @@ class HeldOut:
     def classes(self) -> list[str]:
         return [c[len("score_"):] for c in self.table.columns if c.startswith("score_")]
 
-    def scores(self) -> np.ndarray:
-        return self.table[[f"score_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+    def scores(self, table: pd.DataFrame | None = None) -> np.ndarray:
+        table = self.table if table is None else table
+        return table[[f"score_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+
+    def true_class(self, table: pd.DataFrame | None = None) -> np.ndarray:
+        """Each cell's label as an index into :attr:`classes` (-1: a label the method cannot give)."""
+        table = self.table if table is None else table
+        index = {c: i for i, c in enumerate(self.classes)}
+        return table["label"].astype(str).map(index).fillna(-1).to_numpy(dtype=int)
 
     def true_scores(self) -> np.ndarray:
-        index = {c: i for i, c in enumerate(self.classes)}
-        col = self.table["label"].astype(str).map(index).to_numpy()
-        out = np.zeros(len(col))
-        ok = pd.notna(col)
-        out[ok] = self.scores()[np.flatnonzero(ok), col[ok].astype(int)]
-        return out
+        """Each cell's score for its true label (0 where the method cannot give it)."""
+        true = self.true_class()
+        return np.where(true >= 0, self.scores()[np.arange(len(true)), np.maximum(true, 0)], 0.0)
 
     def correct(self) -> np.ndarray:
         return (self.table["best_label"].astype(str) == self.table["label"].astype(str)).to_numpy()
 
     def fit(self, *, alpha: float, seed: int = 0, rows: np.ndarray | None = None) -> Calibration:
         rows = np.arange(len(self.table)) if rows is None else rows
-        index = {c: i for i, c in enumerate(self.classes)}
-        true_class = self.table["label"].astype(str).map(index).fillna(-1).to_numpy(dtype=int)
         return Calibration.fit(self.table["confidence"].to_numpy()[rows], self.correct()[rows],
-                               self.true_scores()[rows], self.table["distance"].to_numpy()[rows], true_class[rows],
-                               classes=self.classes, alpha=alpha, seed=seed)
+                               self.true_scores()[rows], self.table["distance"].to_numpy()[rows],
+                               self.true_class()[rows], classes=self.classes, alpha=alpha, seed=seed)
 
 
 def check_heldout(held: HeldOut, *, atlas: str, method: str, alpha: float) -> None:
@@ -282,29 +284,26 @@ def _applied(table: pd.DataFrame, held: HeldOut, calibrations: dict) -> pd.DataF
     folds = table["fold"].to_numpy()
     calibrated, typical, support = np.zeros(len(table)), np.zeros(len(table)), np.zeros(len(table))
     sets = np.zeros((len(table), len(held.classes)), bool)
-    scores = table[[f"score_{c}" for c in held.classes]].to_numpy(dtype=np.float64)
-    distance = table["distance"].to_numpy()
+    scores, distance = held.scores(table), table["distance"].to_numpy()
     for f, cal in calibrations.items():
         test = folds == f
         applied = cal.apply(table["confidence"].to_numpy()[test], scores[test], distance[test])
         calibrated[test], sets[test] = applied.calibrated, applied.sets
         typical[test], support[test] = applied.typicality, applied.support
-    classes = np.asarray(held.classes)
-    index = {c: i for i, c in enumerate(held.classes)}
-    true = table["label"].astype(str).map(index).to_numpy()
-    covered = np.array([pd.notna(t) and bool(sets[i, int(t)]) for i, t in enumerate(true)], dtype=bool)
+    true = held.true_class(table)
+    covered = (true >= 0) & sets[np.arange(len(table)), np.maximum(true, 0)]
     out = table[["label", "fold", "best_label", "confidence", "distance"]].copy()
     out["calibrated"] = calibrated
     out["support"] = support
     out["typicality"] = typical
     out["set_size"] = sets.sum(axis=1)
     out["covered"] = covered
-    out["label_set"] = label_sets(sets, classes)
+    out["label_set"] = label_sets(sets, np.asarray(held.classes))
     return out
 
 
-def novelty(crossed: pd.DataFrame, left_out: pd.DataFrame | None, *, alpha: float,
-            min_confidence: float, novelty_alpha: float = 0.01) -> tuple[dict[str, float], pd.DataFrame]:
+def novelty(crossed: pd.DataFrame, left_out: pd.DataFrame | None, *, min_confidence: float,
+            novelty_alpha: float = 0.01) -> tuple[dict[str, float], pd.DataFrame]:
     """Leave one type out: per reference type, its held-out cells labelled without it against the
     other types' held-out cells. AUROC of the unassigned rule's two scores (1 - support, 1 -
     calibrated confidence) and of 1 - typicality; the share of the type left unassigned, and of
@@ -317,8 +316,9 @@ def novelty(crossed: pd.DataFrame, left_out: pd.DataFrame | None, *, alpha: floa
                 | (t["typicality"] < novelty_alpha)).to_numpy()
 
     rows = []
-    for label, new in (left_out if left_out is not None else crossed.iloc[:0]).groupby("label", observed=True,
-                                                                                      sort=True):
+    if left_out is None:  # the classifier: no left-out cells
+        left_out = crossed.iloc[:0]
+    for label, new in left_out.groupby("label", observed=True, sort=True):
         known = crossed[crossed["label"].astype(str) != str(label)]
         if len(new) < 2 or not len(known):
             continue
@@ -357,7 +357,7 @@ def coverage_table(crossfitted: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(crossfitted: pd.DataFrame, *, alpha: float,
+def summarize(crossfitted: pd.DataFrame, *,
               novelty_alpha: float = 0.01) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
     """Metrics, the reliability table (raw and calibrated) and the coverage table of a cross-fit."""
     correct = (crossfitted["best_label"].astype(str) == crossfitted["label"].astype(str)).to_numpy()
@@ -368,7 +368,7 @@ def summarize(crossfitted: pd.DataFrame, *, alpha: float,
     per_label = coverage[coverage["label"] != "all"]
     metrics = {"n_heldout": float(len(crossfitted)), "heldout_accuracy": float(correct.mean()),
                "ece_raw": expected_calibration_error(before), "ece": expected_calibration_error(after),
-               "alpha": float(alpha), "coverage": float(crossfitted["covered"].mean()),
+               "coverage": float(crossfitted["covered"].mean()),
                "coverage_min_label": float(per_label["coverage"].min()) if len(per_label) else np.nan,
                "mean_set_size": float(crossfitted["set_size"].mean()),
                "single_label_sets": float((crossfitted["set_size"] == 1).mean()),

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cellatlas.errors import AtlasError
 
 from cellatlas.atlas import UNASSIGNED
 
@@ -21,6 +22,16 @@ def accepted_labels(query_labels, reference_labels: Sequence[str],
     ref = set(map(str, reference_labels))
     table = {str(k): set(map(str, v)) for k, v in (correspondence or {}).items()}
     return {str(q): table.get(str(q), {str(q)} & ref) for q in query_labels}
+
+
+def check_correspondence(correspondence: Mapping[str, Sequence[str]] | None, reference_labels: Sequence[str], *,
+                         atlas: str, reference: str, query: str) -> None:
+    """A correspondence table names only labels the reference has (else a one-line error)."""
+    ref = set(map(str, reference_labels))
+    if unknown := sorted({str(r) for accepted in (correspondence or {}).values() for r in accepted} - ref):
+        raise AtlasError(atlas, f"query '{query}': atlas.atlases.{atlas}.correspondence names labels reference "
+                                f"'{reference}' lacks: {', '.join(unknown[:5])} (its labels: "
+                                f"{', '.join(sorted(ref)[:15])})")
 
 
 def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Sequence[str],

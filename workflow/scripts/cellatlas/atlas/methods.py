@@ -113,8 +113,7 @@ def vote_shares(neighbour_codes: np.ndarray, n_labels: int) -> np.ndarray:
 def knn_transfer(ref, rep: str, query_rep: np.ndarray, *, n_neighbors: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Labels of ``query_rep``'s k nearest reference cells, with agreement and proximity
     (``best_label``, ``agreement``, ``proximity``, ``mahalanobis``; ``distance``, the mean
-    distance to the k neighbours), and the vote shares
-    (cells x the reference's labels)."""
+    distance to the k neighbours), and the vote shares (cells x the reference's labels)."""
     # Exact neighbours for the vote: Ingest's own search (pynndescent, seeded from the reference
     # graph) returned wrong neighbours for 12% of a simulated query, exact search for none.
     indices, distances = ExactSearch(ref.obsm[rep]).query(query_rep, k=min(int(n_neighbors), ref.n_obs))
@@ -262,8 +261,8 @@ def assign(table: pd.DataFrame, scores: np.ndarray, *, min_confidence: float,
         out["label_set"] = label_sets(applied.sets, np.asarray(calibration.classes))
         out["set_size"] = applied.sets.sum(axis=1)
         weak = (applied.support < novelty_alpha) | (applied.typicality < novelty_alpha)
-    support = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
-    out["predicted"] = np.where((support >= min_confidence) & ~weak, out["best_label"], UNASSIGNED)
+    trust = out["confidence"] * out["proximity"] if "proximity" in out else out["confidence"]
+    out["predicted"] = np.where((trust >= min_confidence) & ~weak, out["best_label"], UNASSIGNED)
     return out
 
 
@@ -336,13 +335,11 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
         latent = np.vstack([encode_latent(plan, sub.matrix(counts[rows], fill=share, row_scale=lib[rows]))
                             for rows in _blocks(q.n_obs)])
         table, scores = knn_transfer(ref, VAE, latent, n_neighbors=n_neighbors)
-        classes = ref.obs[keys.LABEL].cat.categories
         obsm.update({"X_atlas_vae": latent, "X_atlas_umap_vae": place_in_umap(ref, VAE, latent, seed=seed)})
     else:
         obsm["X_atlas_umap"] = place_in_umap(ref, PCA, pcs, seed=seed)
         if method == "projection":
             table, scores = knn_transfer(ref, PCA, pcs, n_neighbors=n_neighbors)
-            classes = ref.obs[keys.LABEL].cat.categories
         else:
             n_features = getattr(model, "n_features_in_", ref.n_vars)
             if n_features != ref.n_vars:
@@ -354,8 +351,10 @@ def map_query(ref, q, *, atlas: str, reference: str, query: str, method: str, n_
             parts = [classifier_transfer(model, align.matrix(q.X[rows], fill=fill)) for rows in _blocks(q.n_obs)]
             table = pd.concat([t for t, _ in parts], ignore_index=True)
             table["distance"] = neighbour_distance(ref, PCA, pcs, n_neighbors=n_neighbors)
-            scores, classes = np.vstack([p for _, p in parts]), np.asarray(model.classes_).astype(str)
+            scores = np.vstack([p for _, p in parts])
     if calibration is not None:
+        # the kNN methods' scores are over the reference's labels, the classifier's over its classes
+        classes = np.asarray(model.classes_).astype(str) if method == "classifier" else ref.obs[keys.LABEL].cat.categories
         scores = _in_order(scores, classes, calibration.classes)
     table = assign(table, scores, min_confidence=min_confidence, calibration=calibration, novelty_alpha=novelty_alpha)
     table.index = q.obs_names

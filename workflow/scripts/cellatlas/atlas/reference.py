@@ -87,8 +87,8 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: 
 
     The map has no expression matrix: ``var`` holds each gene's mean and sd (log-normalized),
     ``highly_variable``, its id, and its mean share of a cell's counts; ``varm["PCs"]``; ``obs``
-    the label and the cell's donor (else batch) as ``group``; ``obsm`` the PCA and UMAP coordinates; ``obsp`` the kNN distances; ``uns`` the
-    label Gaussians and the median library size.
+    the label and the cell's donor (else batch) as ``group``; ``obsm`` the PCA and UMAP
+    coordinates; ``obsp`` the kNN distances; ``uns`` the label Gaussians and the median library size.
     """
     import anndata as ad
 

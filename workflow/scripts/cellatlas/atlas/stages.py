@@ -10,11 +10,10 @@ import numpy as np
 import pandas as pd
 
 from cellatlas import keys, naming, plotting
-from cellatlas.errors import AtlasError
 from cellatlas.stage import DatasetInput, Result, plot
 
 from cellatlas.atlas import PCA, UMAP, VAE, VAE_UMAP
-from cellatlas.atlas.evaluate import agreement_between, evaluate
+from cellatlas.atlas.evaluate import agreement_between, check_correspondence, evaluate
 from cellatlas.atlas.methods import map_query
 from cellatlas.atlas.reference import build_reference, build_reference_vae, with_vae
 
@@ -49,8 +48,8 @@ def best_model(comparison: str) -> str:
 
 def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: str, alpha: float,
                     min_confidence: float, novelty_alpha: float, n_neighbors: int, seed: int = 0,
-                    reference_vae: str | None = None,
-                    comparison: str | None = None, predictions: Mapping[str, str] | None = None) -> Result:
+                    reference_vae: str | None = None, comparison: str | None = None,
+                    predictions: Mapping[str, str] | None = None) -> Result:
     """The atlas_calibrate rule: a method's held-out reference cells, its calibration and
     prediction sets measured on them by cross-fitting, and (kNN methods) each reference type left
     out in turn (:mod:`cellatlas.atlas.calibration`)."""
@@ -64,24 +63,22 @@ def calibrate_stage(*, reference_map: str, atlas: str, reference: str, method: s
     if method == "classifier":
         chosen = best_model(comparison)
         # labels as text: integer codes ("1") would come back as floats where some cells have none
-        table = pd.read_csv(predictions[chosen], sep="\t", dtype={"cell": str, "target": str, "prediction": str})
-        held = heldout_classifier(table, ref, n_neighbors=n_neighbors, seed=seed)
+        oof = pd.read_csv(predictions[chosen], sep="\t", dtype={"cell": str, "target": str, "prediction": str})
+        held = heldout_classifier(oof, ref, n_neighbors=n_neighbors, seed=seed)
     else:
         if method == "latent":
             ref = with_vae(ref, ad.read_h5ad(reference_vae))
         held = heldout_knn(ref, VAE if method == "latent" else PCA, n_neighbors=n_neighbors, seed=seed)
     check_heldout(held, atlas=atlas, method=method, alpha=alpha)
     crossed, left_out = cross_fit(held, alpha=alpha, seed=seed)
-    metrics, table, coverage = summarize(crossed, alpha=alpha, novelty_alpha=novelty_alpha)
-    novel_metrics, novel = novelty(crossed, left_out, alpha=alpha, min_confidence=min_confidence,
+    metrics, table, coverage = summarize(crossed, novelty_alpha=novelty_alpha)
+    novel_metrics, novel = novelty(crossed, left_out, min_confidence=min_confidence,
                                    novelty_alpha=novelty_alpha)
     metrics.update(novel_metrics)
-    notes = [] if left_out is not None else [
-        "no leave-one-type-out check: it would refit the classifier once per type (novel.tsv is empty)"]
     heldout = pd.concat([crossed, held.table.filter(like="score_")], axis=1)
     title = f"atlas {atlas}: {method}" + (f" ({chosen})" if chosen else "") + f", {len(heldout)} held-out reference cells"
     log.info("atlas %s, method %s: %s", atlas, method, metrics)
-    return Result(metrics=metrics, params={"best_model": chosen} if chosen else {}, notes=notes,
+    return Result(metrics=metrics, params={"best_model": chosen} if chosen else {},
                   tables={"heldout": heldout.reset_index(), "reliability": table, "coverage": coverage,
                           "novel": novel},
                   figures={"figure": plot(plotting.reliability, table, coverage, crossed, left_out, alpha=alpha,
@@ -94,7 +91,8 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
               reference_vae: str | None = None, vae_checkpoint: str | None = None, comparison: str | None = None,
               models: Mapping[str, str] | None = None) -> Result:
     """The atlas_map rule: map one query with one method, calibrated on the method's held-out
-    reference cells (``heldout``, the atlas_calibrate table; ``calibration``, its run record); evaluate, plot."""
+    reference cells (``heldout``, the atlas_calibrate table; ``calibration``, its run record);
+    evaluate, plot. A ``correspondence`` naming a label the reference lacks fails before mapping."""
     import json
     from pathlib import Path
 
@@ -111,6 +109,8 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
     if method == "classifier":
         chosen = best_model(comparison)
         model = joblib.load(models[chosen])
+    reference_labels = list(map(str, ref.obs[keys.LABEL].cat.categories))
+    check_correspondence(correspondence, reference_labels, atlas=atlas, reference=reference, query=query)
     held = HeldOut(pd.read_csv(heldout, sep="\t", index_col="cell",
                                dtype={"cell": str, "label": str, "best_label": str, "label_set": str}))
     fitted = held.fit(alpha=mapping["alpha"], seed=seed)
@@ -120,16 +120,11 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
         min_shared_genes=mapping["min_shared_genes"], seed=seed,
         vae_checkpoint=vae_checkpoint, model=model, calibration=fitted)
     truth = q.obs.get(keys.LABEL)
-    reference_labels = list(map(str, ref.obs[keys.LABEL].cat.categories))
-    if unknown := sorted({r for accepted in (correspondence or {}).values() for r in accepted} - set(reference_labels)):
-        raise AtlasError(atlas, f"query '{query}': atlas.atlases.{atlas}.correspondence names labels reference "
-                                f"'{reference}' lacks: {', '.join(unknown[:5])} (its labels: {', '.join(reference_labels[:15])})")
     metrics, per_label, crosstab = evaluate(table["predicted"], truth, reference_labels, label_set=table["label_set"],
                                             correspondence=correspondence)
     # the method's calibration, measured on held-out reference cells, beside what the query shows
     held_metrics = json.loads(Path(calibration).read_text())["metrics"]
-    metrics.update({f"heldout_{k}" if not k.startswith("heldout") else k: v for k, v in held_metrics.items()
-                    if k in ("ece", "ece_raw", "coverage", "mean_set_size", "heldout_accuracy")})
+    metrics.update({ours: held_metrics[theirs] for ours, theirs in HELDOUT_METRICS.items() if theirs in held_metrics})
     metrics["mean_set_size"] = float(table["set_size"].mean())
 
     cells = table.copy()
@@ -189,8 +184,8 @@ def rank_methods(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
     With query labels the reference knows, the score is the share of labelled query cells handled
     right: a cell of a type the reference has labelled right, a cell of a type it lacks left
-    unassigned (the accuracy, where the query has no such type). Without, it is the method's accuracy on held-out reference cells (the query
-    cannot say more). Scores equal to 4 decimals are tied; a tie goes to the lower calibration
+    unassigned (the accuracy, where the query has no such type). Without, it is the method's
+    accuracy on held-out reference cells (the query cannot say more). Scores equal to 4 decimals are tied; a tie goes to the lower calibration
     error on held-out reference cells, then to the simpler method (projection, then classifier,
     then latent: fitted once with the map, then a trained classifier, then a trained VAE).
     """
@@ -213,6 +208,11 @@ def rank_methods(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     table.insert(4, "rank", np.arange(1, len(table) + 1))
     table["chosen"] = table["rank"] == 1
     return table, rule + "; ties: lower held-out calibration error, then the simpler method"
+
+
+#: a mapping run's copies of its method's calibration metrics (atlas_calibrate's names)
+HELDOUT_METRICS = {"heldout_accuracy": "heldout_accuracy", "heldout_ece_raw": "ece_raw", "heldout_ece": "ece",
+                   "heldout_coverage": "coverage", "heldout_mean_set_size": "mean_set_size"}
 
 
 #: the methods, simplest first (the last tie-break of :func:`rank_methods`)
