@@ -70,6 +70,40 @@ def test_reference_projected_onto_its_own_map_reproduces_its_pca(pair, ref_map):
                                atlas.project(ref_map, sp.csr_matrix(X), align.present), atol=1e-4)
 
 
+def test_map_is_fitted_on_the_hvgs_every_query_has(pair, ref_map):
+    from cellatlas.errors import AtlasError
+
+    ref, query = pair
+    hvg = ref.var["highly_variable"].to_numpy()
+    # queries with every HVG: the map is the reference's own PCA
+    same, summary = atlas.build_reference(ref.copy(), atlas="a", reference="ref", label_key=keys.LABEL,
+                                          query_genes={"q": query.var})
+    assert summary["n_map_genes"] == summary["n_hvg"] == hvg.sum()
+    np.testing.assert_array_equal(same.obsm["X_pca"], ref_map.obsm["X_pca"])
+    # a second query lacking two thirds of the HVGs: the PCA is fitted again on the rest
+    lacking = np.flatnonzero(hvg)[np.arange(hvg.sum()) % 3 != 0]
+    narrow = query.var.drop(index=query.var_names[lacking])
+    refit, summary = atlas.build_reference(ref.copy(), atlas="a", reference="ref", label_key=keys.LABEL,
+                                           query_genes={"q": query.var, "narrow": narrow})
+    kept = hvg.copy()
+    kept[lacking] = False
+    assert summary["n_map_genes"] == kept.sum() and summary["n_hvg"] == hvg.sum()
+    assert refit.var["highly_variable"].tolist() == kept.tolist()
+    assert not np.asarray(refit.varm["PCs"])[~kept].any()
+    assert refit.obsm["X_pca"].shape == ref_map.obsm["X_pca"].shape
+    assert not np.allclose(refit.obsm["X_pca"], ref_map.obsm["X_pca"], atol=1e-2)
+    assert refit.obsp["distances"].nnz > 0 and np.array_equal(refit.obsm["X_umap"], ref_map.obsm["X_umap"])
+    # the narrow query's cells land where reference cells with the same genes are
+    narrow_ref = ref[:, ~np.isin(np.arange(ref.n_vars), lacking)]
+    align = atlas.align_genes(refit.var, narrow_ref.var)
+    np.testing.assert_allclose(atlas.project(refit, align.matrix(narrow_ref.X), align.present), refit.obsm["X_pca"],
+                               atol=1e-4)
+    # a query with too few of them fails before anything is fitted, naming it
+    with pytest.raises(AtlasError, match="'tiny'.*atlas.min_shared_genes"):
+        atlas.build_reference(ref.copy(), atlas="a", reference="ref", label_key=keys.LABEL,
+                              query_genes={"tiny": query.var.iloc[:50]}, min_shared_genes=100)
+
+
 def test_small_labels_are_judged_by_the_pooled_covariance():
     rng = np.random.default_rng(0)
     rep = np.vstack([rng.normal(0, 1, (200, 5)), rng.normal(8, 1, (2, 5))])

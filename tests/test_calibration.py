@@ -203,6 +203,19 @@ def test_query_coverage_counts_the_cells_whose_set_holds_their_label():
     assert per_label.set_index("query_label")["set_coverage"].to_dict()["x"] == 0.5
 
 
+def test_query_accuracy_of_the_calls_made_and_of_every_cell_forced_to_its_best_label():
+    from cellatlas.atlas.evaluate import evaluate
+
+    truth = pd.Series(["x", "x", "y", "y", "new"])
+    pred = pd.Series(["x", "unassigned", "y", "x", "unassigned"])
+    best = pd.Series(["x", "x", "y", "x", "y"])
+    metrics, _, _ = evaluate(pred, truth, ["x", "y"], best_label=best)
+    assert metrics["accuracy"] == 0.5  # an unassigned shared-type cell is wrong
+    assert metrics["assigned_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["forced_accuracy"] == 0.75  # the novel cell's best label does not count
+    assert "forced_accuracy" not in evaluate(pred, truth, ["x", "y"])[0]
+
+
 def test_a_correspondence_table_scores_a_query_that_names_types_differently():
     from cellatlas.atlas.evaluate import evaluate
 

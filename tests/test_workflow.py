@@ -302,14 +302,16 @@ def test_reruns_only_what_changed(workdir):
                                    "atlas_calibrate", "atlas_map", "atlas_compare", "summary", "all"}
         assert "method=harmony" in r.stdout and not re.search(r"method=(pca|bbknn|vae|projection|classifier)\b", r.stdout)
         assert "rule train_vae" not in r.stdout and "rule integrate_vae" not in r.stdout
-        # a new query is mapped onto the reference map as it is: no reference stage reruns
+        # a new query: the atlas's map is gathered again on the genes its queries share (and with it
+        # the calibration and the other query's mappings), no stage of the reference dataset reruns
         changed = json.loads(json.dumps(CONFIG))
         changed["datasets"]["sim5k_q2"] = {**CONFIG["datasets"]["sim5k"], "subset": {"keep": {"donor": ["donor_2"]}}}
         changed["atlas"]["atlases"]["a"]["queries"].append("sim5k_q2")
         write_config(workdir, changed)
         r = snakemake(workdir, "--cores", "2", "--dry-run")
         assert r.returncode == 0, r.stderr
-        assert _jobs(r.stdout) == {*STAGES, "atlas_map", "atlas_compare", "summary", "all"}
+        assert _jobs(r.stdout) == {*STAGES, "atlas_reference", "atlas_reference_vae", "atlas_calibrate", "atlas_map",
+                                   "atlas_compare", "summary", "all"}
         assert re.search(r"dataset=sim5k(_q)?\b(?!_)", r.stdout) is None, r.stdout
     finally:
         write_config(workdir, CONFIG)

@@ -7,7 +7,7 @@
 
 rule atlas_reference:
     input:
-        get_atlas_reference_input,
+        unpack(get_atlas_reference_input),
     output:
         h5ad="results/atlas/{atlas}/reference.h5ad",
         umap=report("results/atlas/{atlas}/reference/umap.png", caption="../report/atlas_reference.rst", category="Atlas", subcategory="{atlas}"),
@@ -15,6 +15,8 @@ rule atlas_reference:
     params:
         reference=get_atlas_field("reference"),
         label_key=get_atlas_field("label_key"),
+        queries=get_atlas_field("queries"),
+        min_shared_genes=config["atlas"]["min_shared_genes"],
         seed=config["seed"],
     log:
         "results/atlas/{atlas}/logs/reference.log",

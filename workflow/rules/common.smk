@@ -187,7 +187,7 @@ def get_atlas(wildcards):
 
 def get_atlas_field(name):
     """Params function: one field of the atlas (a job carries only what it uses, so that adding a
-    query to an atlas does not change, and rerun, its other jobs)."""
+    query to an atlas reruns only what reads its queries: the map, on the genes they share)."""
 
     def field(wildcards):
         return get_atlas(wildcards)[name]
@@ -201,7 +201,10 @@ def get_atlas_correspondence(wildcards):
 
 
 def get_atlas_reference_input(wildcards):
-    return f"results/{get_atlas(wildcards)['reference']}/embed.h5ad"
+    """The reference's embedding, and its queries' data (the map is on the genes they share)."""
+    spec = get_atlas(wildcards)
+    return {"embed": f"results/{spec['reference']}/embed.h5ad",
+            "queries": [f"results/{q}/normalize.h5ad" for q in spec["queries"]]}
 
 
 def get_atlas_vae_input(wildcards):

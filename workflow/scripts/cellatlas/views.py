@@ -41,8 +41,8 @@ def view_states(headline: Iterable[str]) -> dict[str, dict]:
     kind = f"tags.`{naming.TAG_KIND}`"
     step = f"tags.`{naming.TAG_STEP}`"
     cv = [naming.cv_mean(m) for m in ("macro_f1", "r2")] + [naming.cv_sd(m) for m in ("macro_f1", "r2")]
-    atlas = ("accuracy", "balanced_accuracy", "macro_f1", "unassigned_fraction", "unassigned_novel", "set_coverage",
-             "mean_set_size", "heldout_ece", "heldout_coverage")
+    atlas = ("accuracy", "assigned_accuracy", "forced_accuracy", "balanced_accuracy", "macro_f1", "unassigned_fraction",
+             "unassigned_novel", "set_coverage", "mean_set_size", "heldout_ece", "heldout_coverage")
     return {
         "cellatlas-invocations": {
             "searchFilter": f"{kind} = 'pipeline'", "orderByKey": "attributes.start_time", "orderByAsc": False,

@@ -35,7 +35,8 @@ def check_correspondence(correspondence: Mapping[str, Sequence[str]] | None, ref
 
 
 def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Sequence[str],
-             label_set: pd.Series | None = None, correspondence: Mapping[str, Sequence[str]] | None = None):
+             label_set: pd.Series | None = None, correspondence: Mapping[str, Sequence[str]] | None = None,
+             best_label: pd.Series | None = None):
     """Scores of transferred labels against the query's own labels.
 
     A query cell's transferred label is right when it is one of the reference labels its own label
@@ -45,7 +46,9 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
     there); cells of other labels ("novel") should come out unassigned. With prediction sets
     (``label_set``: labels joined by '|'), the share of shared-type cells whose set holds an
     accepted label (``set_coverage``) and of novel-type cells whose set is empty
-    (``empty_set_novel``). Returns (metrics, per-label table, crosstab of predicted by query
+    (``empty_set_novel``). With each cell's ``best_label`` (the label before the unassigned call),
+    the accuracy had every cell been given it (``forced_accuracy``, as a method that never abstains
+    is scored) and the accuracy of the calls made (``assigned_accuracy``). Returns (metrics, per-label table, crosstab of predicted by query
     label); without query labels, only the assignment rates and an empty crosstab.
     """
     import sklearn.metrics as skm
@@ -72,6 +75,11 @@ def evaluate(predicted: pd.Series, truth: pd.Series | None, reference_labels: Se
             "macro_f1": float(skm.f1_score(y, p, labels=present, average="macro", zero_division=0)),
             "unassigned_shared": float(np.mean(p == UNASSIGNED)),
         })
+        if (assigned := shared & (pred != UNASSIGNED)).any():
+            metrics["assigned_accuracy"] = float(right[assigned].mean())
+        if best_label is not None:
+            best = best_label.astype(str).to_numpy()
+            metrics["forced_accuracy"] = float(np.mean([b in accepted[t] for t, b in zip(true[shared], best[shared])]))
     if novel.any():
         metrics["unassigned_novel"] = float(np.mean(pred[novel] == UNASSIGNED))
     covered = None

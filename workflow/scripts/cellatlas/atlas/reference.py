@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from cellatlas import keys
 from cellatlas.errors import AtlasError
 
 from cellatlas.atlas import GRAPH, PCA, TAIL, UMAP, UNASSIGNED, VAE, VAE_UMAP
-from cellatlas.atlas.genes import id_column
+from cellatlas.atlas.genes import align_genes, check_overlap, id_column
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,51 @@ def _add_label_models(out, rep: str, seed: int) -> None:
     out.uns[f"{rep}_label_means"], out.uns[f"{rep}_label_precisions"] = means, precisions
 
 
-def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: int = 0):
+def map_genes(adata, query_genes: Mapping[str, pd.DataFrame] | None, *, atlas: str, reference: str,
+              min_shared_genes: int = 100) -> np.ndarray:
+    """The genes the map's PCA is on: the reference's HVGs that every query of the atlas has.
+
+    A query that lacks some of them (another panel, chemistry or species) would otherwise be
+    projected with those genes at the reference mean: their share of each PC is lost, and
+    cells of different types fall together (PBMC 3k -> pbmc68k_reduced, which has 227 of the
+    2,000 HVGs: 0.77 against 0.86 lenient accuracy; benchmarks/RESULTS.md).
+    """
+    hvg = adata.var["highly_variable"].to_numpy(bool)
+    shared = hvg.copy()
+    for query, var in (query_genes or {}).items():
+        align = align_genes(adata.var, var)
+        check_overlap(align, hvg, atlas=atlas, reference=reference, query=query, what="the reference PCA",
+                      min_shared=min_shared_genes)
+        shared &= align.present
+    if shared.sum() < min_shared_genes:
+        raise AtlasError(atlas, f"reference '{reference}' and its queries {', '.join(query_genes or {})} share "
+                                f"{int(shared.sum())} of its {int(hvg.sum())} HVGs; at least {min_shared_genes} "
+                                "are needed (atlas.min_shared_genes)")
+    return shared
+
+
+def refit_pca(adata, genes: np.ndarray, *, scale: bool, seed: int) -> None:
+    """``adata``'s PCA and kNN graph again, in place, on ``genes`` only, as embed fitted them on its HVGs."""
+    from cellatlas import embed
+
+    n_pcs = int(adata.obsm[PCA].shape[1])
+    n_neighbors = int(adata.uns["neighbors"]["params"]["n_neighbors"])
+    adata.var["highly_variable"] = genes
+    embed.pca(adata, n_pcs=n_pcs, scale=scale, seed=seed)
+    embed.neighbors(adata, n_neighbors=n_neighbors, seed=seed)
+
+
+def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: int = 0,
+                    query_genes: Mapping[str, pd.DataFrame] | None = None, min_shared_genes: int = 100):
     """The reference map of ``adata`` (the reference's embed.h5ad) as a compact AnnData.
 
     The map has no expression matrix: ``var`` holds each gene's mean and sd (log-normalized),
-    ``highly_variable``, its id, and its mean share of a cell's counts; ``varm["PCs"]``; ``obs``
-    the label and the cell's donor (else batch) as ``group``; ``obsm`` the PCA and UMAP
-    coordinates; ``obsp`` the kNN distances; ``uns`` the label Gaussians and the median library size.
+    ``highly_variable`` (the genes of the map's PCA: the reference's HVGs that every query in
+    ``query_genes``, query name -> its var, has; :func:`map_genes`), its id, and its mean share of
+    a cell's counts; ``varm["PCs"]``; ``obs`` the label and the cell's donor (else batch) as
+    ``group``; ``obsm`` the PCA and UMAP coordinates; ``obsp`` the kNN distances; ``uns`` the
+    label Gaussians and the median library size. Where a query lacks some of the reference's
+    HVGs, the PCA and kNN graph are fitted again on the shared ones (the UMAP stays the reference's).
     """
     import anndata as ad
 
@@ -104,6 +143,12 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: 
         raise AtlasError(atlas, f"reference '{reference}': label '{UNASSIGNED}' is reserved for cells the mapping "
                                 "cannot assign")
     scaled = bool(adata.uns.get("pca", {}).get("params", {}).get("scale", True))
+    n_hvg = int(adata.var["highly_variable"].sum())
+    genes = map_genes(adata, query_genes, atlas=atlas, reference=reference, min_shared_genes=min_shared_genes)
+    if genes.sum() < n_hvg:
+        log.warning("atlas '%s': its queries share %d of the %d HVGs of reference '%s'; the map's PCA is fitted "
+                    "again on those", atlas, int(genes.sum()), n_hvg, reference)
+        refit_pca(adata, genes, scale=scaled, seed=seed)
     from cellatlas.embed import gene_mean_sd
 
     mean, sd = gene_mean_sd(adata.X)
@@ -133,7 +178,8 @@ def build_reference(adata, *, atlas: str, reference: str, label_key: str, seed: 
     out.uns["neighbors"] = {"n_neighbors": int(neighbors["n_neighbors"]), "random_state": int(neighbors.get("random_state", seed))}
     out.uns["umap"] = {k: float(v) for k, v in adata.uns["umap"]["params"].items() if k in ("a", "b")}
     out.uns["median_library"] = median_library
-    summary: dict[str, Any] = {"n_cells": adata.n_obs, "n_genes": adata.n_vars, "n_hvg": int(var["highly_variable"].sum()),
+    summary: dict[str, Any] = {"n_cells": adata.n_obs, "n_genes": adata.n_vars, "n_hvg": n_hvg,
+                               "n_map_genes": int(genes.sum()),
                                "n_labels": int(labels.nunique()), "n_pcs": int(adata.obsm[PCA].shape[1])}
     out.uns[keys.UNS_KEY] = {"atlas_reference": {"atlas": atlas, "reference": reference, "label_key": label_key,
                                                  "summary": summary}}

@@ -20,12 +20,19 @@ from cellatlas.atlas.reference import build_reference, build_reference_vae, with
 log = logging.getLogger(__name__)
 
 
-def reference_stage(*, embed: str, atlas: str, reference: str, label_key: str, seed: int = 0) -> Result:
-    """The atlas_reference rule: gather the reference map once; plot it."""
+def reference_stage(*, embed: str, atlas: str, reference: str, label_key: str, seed: int = 0,
+                    queries: Mapping[str, str] | None = None, min_shared_genes: int = 100) -> Result:
+    """The atlas_reference rule: gather the reference map once, on the genes its ``queries``
+    (name -> normalize.h5ad, of which only the genes are read) share; plot it."""
     import anndata as ad
 
-
-    ref, summary = build_reference(ad.read_h5ad(embed), atlas=atlas, reference=reference, label_key=label_key, seed=seed)
+    query_genes = {}
+    for query, path in (queries or {}).items():
+        backed = ad.read_h5ad(path, backed="r")
+        query_genes[query] = backed.var.copy()
+        backed.file.close()
+    ref, summary = build_reference(ad.read_h5ad(embed), atlas=atlas, reference=reference, label_key=label_key, seed=seed,
+                                   query_genes=query_genes, min_shared_genes=min_shared_genes)
     return Result(metrics=summary, data={"h5ad": ref}, inputs=[DatasetInput(reference, embed, context="reference")],
                   figures={"umap": plot(plotting.embedding, ref.obsm[UMAP], {label_key: ref.obs[keys.LABEL]},
                                         basis="UMAP", title=f"atlas {atlas}: reference {reference} ({ref.n_obs} cells)")})
@@ -121,7 +128,7 @@ def map_stage(*, reference_map: str, query_h5ad: str, atlas: str, reference: str
         vae_checkpoint=vae_checkpoint, model=model, calibration=fitted)
     truth = q.obs.get(keys.LABEL)
     metrics, per_label, crosstab = evaluate(table["predicted"], truth, reference_labels, label_set=table["label_set"],
-                                            correspondence=correspondence)
+                                            correspondence=correspondence, best_label=table["best_label"])
     # the method's calibration, measured on held-out reference cells, beside what the query shows
     held_metrics = json.loads(Path(calibration).read_text())["metrics"]
     metrics.update({ours: held_metrics[theirs] for ours, theirs in HELDOUT_METRICS.items() if theirs in held_metrics})
@@ -220,7 +227,7 @@ SIMPLEST_FIRST = ("projection", "classifier", "latent")
 
 
 #: the columns of an atlas comparison table (and of results/atlas.tsv)
-COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "unassigned_fraction", "unassigned_shared",
-                      "unassigned_novel", "set_coverage", "mean_set_size", "mean_confidence", "heldout_accuracy",
-                      "heldout_ece_raw", "heldout_ece", "heldout_coverage", "n_cells", "n_shared_type_cells",
-                      "n_novel_type_cells", "n_shared_genes", "n_shared_hvg")
+COMPARISON_METRICS = ("accuracy", "assigned_accuracy", "forced_accuracy", "balanced_accuracy", "macro_f1",
+                      "unassigned_fraction", "unassigned_shared", "unassigned_novel", "set_coverage", "mean_set_size",
+                      "mean_confidence", "heldout_accuracy", "heldout_ece_raw", "heldout_ece", "heldout_coverage",
+                      "n_cells", "n_shared_type_cells", "n_novel_type_cells", "n_shared_genes", "n_shared_hvg")
