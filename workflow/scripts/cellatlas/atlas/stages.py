@@ -33,7 +33,9 @@ def reference_stage(*, embed: str, atlas: str, reference: str, label_key: str, s
         backed.file.close()
     ref, summary = build_reference(ad.read_h5ad(embed), atlas=atlas, reference=reference, label_key=label_key, seed=seed,
                                    query_genes=query_genes, min_shared_genes=min_shared_genes)
-    return Result(metrics=summary, data={"h5ad": ref}, inputs=[DatasetInput(reference, embed, context="reference")],
+    inputs = [DatasetInput(reference, embed, context="reference"),
+              *(DatasetInput(query, path, context="query genes") for query, path in (queries or {}).items())]
+    return Result(metrics=summary, data={"h5ad": ref}, inputs=inputs,
                   figures={"umap": plot(plotting.embedding, ref.obsm[UMAP], {label_key: ref.obs[keys.LABEL]},
                                         basis="UMAP", title=f"atlas {atlas}: reference {reference} ({ref.n_obs} cells)")})
 
