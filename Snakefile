@@ -1,5 +1,6 @@
 # The cell-atlas pipeline: raw counts -> QC -> normalization -> embeddings -> clusters, and
-# supervised models with grouped cross-validation, Lightning models (an MLP classifier, a VAE embedding),
+# supervised models with grouped cross-validation, Lightning models (an MLP classifier, a VAE embedding,
+# convolutional networks on images of cells),
 # query datasets mapped onto reference atlases with three methods,
 # every stage a tracked MLflow child run under one parent run per invocation.
 # Run: snakemake --cores all        Config: config/config.yaml (schema: config/schema/)
@@ -21,7 +22,7 @@ report: "workflow/report/workflow.rst"
 
 # The schema's defaults are filled in here; errors are one line naming the key.
 validate_config(config, "config/schema/config.schema.yaml")
-if not config["datasets"]:
+if not config["datasets"] and not config["images"]["datasets"]:
     print("cellatlas: no datasets in the config: add yours to config/config.yaml (README: Configure your data), "
           "or run the demo with `make run`", file=sys.stderr)
 
@@ -40,6 +41,7 @@ include: "workflow/rules/normalize.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/integrate.smk"
 include: "workflow/rules/cluster.smk"
+include: "workflow/rules/images.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/atlas.smk"

@@ -116,6 +116,8 @@ def slurm_config() -> dict:
     for atlas in config["atlas"]["atlases"].values():
         atlas["reference"] = "sim"
     config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS
+    config["images"]["datasets"]["sim_cells"]["source"]["cells_per_field"] = 4
+    config["images"]["models"]["cnn"]["params"]["max_epochs"] = SLURM_EPOCHS
     config["classify"]["classifiers"]["mlp"]["params"]["max_epochs"] = SLURM_EPOCHS
     for name in SPARED_DATASETS:
         config["datasets"].pop(name)
@@ -236,7 +238,9 @@ def test_data_parallel_training_starts_one_process_per_requested_device(run, ser
     # a few epochs (in the config file: --config passes nested numbers as text): what is checked is
     # how many processes trained, not the model
     config = slurm_config()
-    config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS - 1
+    config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS
+    config["images"]["datasets"]["sim_cells"]["source"]["cells_per_field"] = 4
+    config["images"]["models"]["cnn"]["params"]["max_epochs"] = SLURM_EPOCHS - 1
     write_config(workdir, config)
     train = json.dumps({"trainer": {"devices": 2}})  # merged into the file's train section
     tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})

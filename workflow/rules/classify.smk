@@ -4,7 +4,7 @@
 
 rule classify_split:
     input:
-        "results/{dataset}/normalize.h5ad",
+        get_task_matrix,
     output:
         folds="results/{dataset}/{kind}/{task}/folds.tsv.gz",
         meta="results/{dataset}/{kind}/{task}/task.json",
@@ -26,7 +26,7 @@ rule classify_split:
 
 rule classify_model:
     input:
-        h5ad="results/{dataset}/normalize.h5ad",
+        h5ad=get_task_matrix,
         folds="results/{dataset}/classify/{task}/folds.tsv.gz",
         meta="results/{dataset}/classify/{task}/task.json",
     output:
@@ -63,7 +63,7 @@ rule classify_model:
 
 rule regress_model:
     input:
-        h5ad="results/{dataset}/normalize.h5ad",
+        h5ad=get_task_matrix,
         folds="results/{dataset}/regress/{task}/folds.tsv.gz",
         meta="results/{dataset}/regress/{task}/task.json",
     output:

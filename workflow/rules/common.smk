@@ -79,6 +79,39 @@ def get_task(wildcards):
     return spec
 
 
+def get_task_matrix(wildcards):
+    """The matrix a task's models read: an image dataset's images, else the normalized genes."""
+    if wildcards.dataset in config["images"]["datasets"]:
+        return f"results/{wildcards.dataset}/images.h5ad"
+    return f"results/{wildcards.dataset}/normalize.h5ad"
+
+
+def get_image_dataset(wildcards):
+    try:
+        return config["images"]["datasets"][wildcards.dataset]
+    except KeyError:
+        raise WorkflowError(f"'{wildcards.dataset}' is not in images.datasets") from None
+
+
+def get_image_group_keys(wildcards):
+    from cellatlas.config import image_group_keys
+
+    return image_group_keys(get_image_dataset(wildcards))
+
+
+def get_image_input(wildcards):
+    """The source a job reads (a folder, a table or an archive); a table's images are read through it."""
+    source = get_image_dataset(wildcards)["source"]
+    return [source["path"]] if "path" in source else []
+
+
+def get_model_inputs(wildcards):
+    """Files a model's params name: an image model's init_weights (a checkpoint another job
+    trains, or a user's file), so that it is trained, or tracked, before this model."""
+    params = get_model_params(wildcards).get("params") or {}
+    return {"init_weights": params["init_weights"]} if params.get("init_weights") else {}
+
+
 def get_task_params(wildcards):
     spec = get_task(wildcards)
     return {"target": spec["target"], "kind": spec["kind"], "split": spec["split"]}
@@ -114,7 +147,9 @@ def model_pattern(deep):
 
     cl = config["classify"]
     names = [n for n, m in cl["classifiers"].items() if is_deep(m["kind"], CLASSIFICATION) == deep]
-    if not deep:
+    if deep:
+        names += list(config["images"]["models"])  # every image model is trained by Lightning
+    else:
         names += list(cl["regressors"])
     return "|".join(re.escape(n) for n in sorted(set(names))) or "(?!)"
 
@@ -294,7 +329,7 @@ def get_comparisons():
 
 
 def get_final_outputs():
-    if not config["datasets"]:
+    if not config["datasets"] and not config["images"]["datasets"]:
         return []
     return [
         "results/summary.tsv",
@@ -332,6 +367,7 @@ def get_tracking_uri():
 def get_all_records():
     """Every stage run record this config's results come from (the parent's runs.tsv)."""
     records = [*get_summary_records(), "results/summary/run.json"]
+    records += [f"results/{ds}/images/run.json" for ds in config["images"]["datasets"]]
     for ds, methods in get_integrations().items():
         records += [f"results/{ds}/integrate/{m}/run.json" for m in methods]
     for (ds, task), spec in get_tasks().items():

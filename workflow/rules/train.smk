@@ -1,13 +1,15 @@
 # Lightning models. An mlp is one more model of a classify task: same folds, same metrics, same
-# comparison table as the scikit-learn models, but trained by Lightning and allowed a GPU. The
-# VAE learns an embedding of a dataset's counts, clustered and compared with the PCA one.
+# comparison table as the scikit-learn models, but trained by Lightning and allowed a GPU; so is
+# a cnn of an image dataset's task (images.models), which this rule trains too. The VAE learns an
+# embedding of a dataset's counts, clustered and compared with the PCA one.
 # Both ask for one GPU per train.trainer device: under the SLURM profile that sends them to a GPU
 # partition; a local run asks for none where there is no NVIDIA driver, and Lightning takes what is there.
 
 
 rule train_mlp:
     input:
-        h5ad="results/{dataset}/normalize.h5ad",
+        unpack(get_model_inputs),
+        h5ad=get_task_matrix,
         folds="results/{dataset}/classify/{task}/folds.tsv.gz",
         meta="results/{dataset}/classify/{task}/task.json",
     output:

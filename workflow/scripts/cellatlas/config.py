@@ -205,7 +205,76 @@ def classify_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict
                 "models": {m: available[m] for m in chosen},
                 "dir": keys.TASK_DIRS[kind],
             }
+    out.update(image_tasks(config, check_models=check_models))
     return out
+
+
+#: the simulator's groups, coarsest first
+SIMULATED_IMAGE_GROUPS = ["plate", "well", "field"]
+
+
+def image_group_keys(entry: dict[str, Any]) -> list[str]:
+    """An image dataset's group columns, coarsest first (the simulator's when it simulates)."""
+    if entry.get("group_keys"):
+        return list(entry["group_keys"])
+    return list(SIMULATED_IMAGE_GROUPS) if entry["source"]["kind"] == "simulate" else []
+
+
+def image_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict[tuple[str, str], dict[str, Any]]:
+    """The classification task ``label`` of every image dataset (``images.datasets``), with the
+    image models (``images.models``, the augmentation laid under their params) and a split
+    grouped by the dataset's first group key unless told otherwise."""
+    from cellatlas import keys
+    from cellatlas.classify.models import image_kinds
+
+    images = config.get("images", {})
+    models = images.get("models", {})
+    classifiers = config.get("classify", {}).get("classifiers", {})
+    for name, model in models.items():
+        if model["kind"] not in image_kinds():
+            raise ConfigError(f"config key 'images.models.{name}.kind': {model['kind']} does not read images "
+                              f"(kinds: {image_kinds()})")
+        if name in classifiers:
+            raise ConfigError(f"config key 'images.models.{name}': '{name}' is also a model of classify.classifiers; "
+                              "name it otherwise")
+        if check_models:
+            _check_model(f"images.models.{name}", model, keys.CLASSIFICATION)
+    for name, model in classifiers.items():
+        if model["kind"] in image_kinds():
+            raise ConfigError(f"config key 'classify.classifiers.{name}.kind': {model['kind']} reads images; "
+                              "it belongs in images.models")
+    augmentation = dict(images.get("augmentation", {}))
+    out = {}
+    for ds, entry in images.get("datasets", {}).items():
+        if ds in config.get("datasets", {}):
+            raise ConfigError(f"config key 'images.datasets.{ds}': '{ds}' is also a dataset of 'datasets'; "
+                              "name it otherwise")
+        groups = image_group_keys(entry)
+        split = {"scheme": "auto", "n_splits": 4, "group_key": None, "train_batches": [], "test_batches": [],
+                 **{k: v for k, v in images.get("split", {}).items()}, **entry.get("split", {})}
+        if split["group_key"] is None:
+            split["group_key"] = groups[0] if groups else keys.DONOR
+        elif split["group_key"] not in groups:
+            raise ConfigError(f"config key 'images.datasets.{ds}.split.group_key': '{split['group_key']}' is not one "
+                              f"of its group_keys {groups}")
+        chosen = entry.get("models") or list(models)
+        if unknown := [m for m in chosen if m not in models]:
+            raise ConfigError(f"config key 'images.datasets.{ds}.models': {unknown} not in images.models "
+                              f"({sorted(models)})")
+        out[(ds, "label")] = {
+            "target": keys.LABEL,
+            "kind": keys.CLASSIFICATION,
+            "split": split,
+            "models": {m: {**models[m], "params": {"augmentation": augmentation, **(models[m].get("params") or {})}}
+                       for m in chosen},
+            "dir": keys.TASK_DIRS[keys.CLASSIFICATION],
+            "images": True,
+        }
+    return out
+
+
+def image_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(config.get("images", {}).get("datasets", {}))
 
 
 def embedding_datasets(config: dict[str, Any]) -> list[str]:

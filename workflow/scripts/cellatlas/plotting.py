@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -152,6 +154,36 @@ def confusion(table: pd.DataFrame, path: str, *, title: str = "") -> None:
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, label="fraction of true class", shrink=0.8)
     ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def image_montage(images: np.ndarray, labels: Sequence[str], path: str, *, per_class: int = 8, title: str = "") -> None:
+    """A row of example images per class (the first ``per_class`` of each; images are C x H x W
+    in [0, 1]: one channel grey, two as blue and green, three or more their first three as RGB)."""
+    classes = sorted(set(map(str, labels)))
+    labels = np.asarray(labels).astype(str)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(0.9 * per_class + 1.5, 0.95 * len(classes) + 0.6),
+                             squeeze=False)
+    for i, c in enumerate(classes):
+        rows = np.flatnonzero(labels == c)[:per_class]
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if j < len(rows):
+                img = images[rows[j]]
+                if img.shape[0] == 1:
+                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+                else:
+                    rgb = np.zeros((*img.shape[1:], 3))
+                    if img.shape[0] == 2:
+                        rgb[..., 2], rgb[..., 1] = img[0], img[1]
+                    else:
+                        rgb[:] = np.moveaxis(img[:3], 0, -1)
+                    ax.imshow(np.clip(rgb, 0, 1))
+        axes[i][0].set_ylabel(c, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
 

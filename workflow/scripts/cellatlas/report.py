@@ -49,7 +49,7 @@ def summarize(records: Iterable[str | Path]) -> pd.DataFrame:
             row["integration"] = rec.get("params", {}).get("integration", "")
         suffix = {"vae": "_vae", "cluster": "_vae_cluster"}.get(rec.get("step", ""), "") if stage == "train" else ""
         row[f"run_{stage}{suffix}"] = rec["run_id"]
-    table = pd.DataFrame(list(rows.values()))
+    table = pd.DataFrame(list(rows.values()), columns=None if rows else ["dataset"])  # image datasets only: none
     first = ["dataset"] + [c for c in COLUMNS.values() if c in table]
     rest = sorted(c for c in table.columns if c not in first and not c.startswith("run_"))
     runs = [c for c in table.columns if c.startswith("run_")]

@@ -223,6 +223,8 @@ def importance(
         else:
             for g in np.argsort(-np.abs(w[0]), kind="stable")[:n_top]:
                 rows.append({"gene": genes[g], "class": "", "importance": w[0, g], "sd": np.nan})
+    elif method == "none":  # pixels are no genes: an image model lists none
+        pass
     elif method == "impurity" and "pca" not in final.named_steps:
         w = gene_weights(final, model.feature_importances_, len(genes))[0]
         for g in np.argsort(-w, kind="stable")[:n_top]:

@@ -30,6 +30,8 @@ class ModelKind:
     seed_arg: str | None = None
     #: trained with Lightning (cellatlas.deep): its jobs may go to a GPU node
     deep: bool = False
+    #: reads images (rows: flattened images of an image dataset), not genes
+    images: bool = False
 
 
 def _logreg(**kw):
@@ -51,6 +53,12 @@ def _mlp(**kw):
     from cellatlas.deep.estimator import MLPClassifier
 
     return MLPClassifier(**kw)
+
+
+def _cnn(**kw):
+    from cellatlas.deep.vision import CNNClassifier
+
+    return CNNClassifier(**kw)
 
 
 def _sk(module: str, cls: str):
@@ -79,6 +87,9 @@ KINDS: dict[str, ModelKind] = {
                   {"n_neighbors": 15}, n_jobs_arg="n_jobs"),
         # a Lightning-trained network (cellatlas.deep); its training settings come from train.trainer
         ModelKind("mlp", keys.CLASSIFICATION, _mlp, {}, n_jobs_arg="n_jobs", seed_arg="random_state", deep=True),
+        # a convolutional network on an image dataset (cellatlas.deep.vision); no gene importance
+        ModelKind("cnn", keys.CLASSIFICATION, _cnn, {}, sparse=False, importance="none", n_jobs_arg="n_jobs",
+                  seed_arg="random_state", deep=True, images=True),
         # thousands of standardized genes for thousands of cells: a small alpha overfits (R² < 0 at 10)
         ModelKind("ridge", keys.REGRESSION, _sk("sklearn.linear_model", "Ridge"), {"alpha": 1000.0}, importance="coef"),
         ModelKind("lasso", keys.REGRESSION, _sk("sklearn.linear_model", "Lasso"), {"alpha": 0.01, "max_iter": 2000, "tol": 1e-3},
@@ -96,6 +107,10 @@ KINDS: dict[str, ModelKind] = {
 
 def kinds_for(task: str) -> list[str]:
     return sorted(m.name for m in KINDS.values() if m.task == task)
+
+
+def image_kinds() -> list[str]:
+    return sorted(m.name for m in KINDS.values() if m.images)
 
 
 def is_deep(kind: str, task: str) -> bool:

@@ -27,6 +27,11 @@ def model_pipeline(model: Mapping[str, Any], features: Mapping[str, Any], *, kin
                    threads: int = 1, seed: int = 0):
     """The unfitted pipeline of a config model entry, with PCA components capped to what the data allow."""
     spec = get_kind(model["kind"], kind)
+    if spec.images:  # the rows are images: no gene selection, scaling or PCA in front of the network
+        from sklearn.pipeline import Pipeline
+
+        return Pipeline([("model", make_estimator(model["kind"], kind, model.get("params"), n_jobs=threads,
+                                                  seed=seed))]), spec
     n_sel = min(features["n_genes"], n_genes) if features["genes"] != "all" else n_genes
     n_pcs = max(1, min(features["n_pcs"], n_sel - 1, n_train_min - 1))  # arpack needs fewer than both
     params = dict(model.get("params") or {})
@@ -52,6 +57,18 @@ def read_matrix(h5ad: str):
         obs_names = pd.Index(read_elem(fh["obs"]).index.astype(str))
         var_names = pd.Index(read_elem(fh["var"]).index.astype(str))
     return X, obs_names, var_names
+
+
+def image_shape_of(h5ad: str) -> tuple[int, int, int] | None:
+    """(channels, height, width) of an image dataset's rows; None for an expression dataset."""
+    import h5py
+    from anndata.io import read_elem
+
+    from cellatlas.images import IMAGE_KEY, SHAPE_KEY
+
+    with h5py.File(h5ad, "r") as fh:
+        node = fh.get(f"uns/{keys.UNS_KEY}/{IMAGE_KEY}/{SHAPE_KEY}")
+        return None if node is None else tuple(int(v) for v in read_elem(node))
 
 
 def split_stage(h5ad: str, *, dataset: str, task: str, spec: Mapping[str, Any], seed: int = 0) -> Result:
@@ -114,6 +131,13 @@ def model_stage(
     n_train_min = min(len(tr) for tr, _ in f.splits())
     pipe, spec = model_pipeline(model, features, kind=f.kind, n_genes=X.shape[1], n_train_min=n_train_min,
                                 threads=threads, seed=seed)
+    shape = image_shape_of(h5ad)
+    if spec.images != (shape is not None):
+        raise TaskError(dataset, task, f"model '{model_name}' ({model['kind']}) "
+                                       + ("reads images; this dataset has genes" if spec.images else
+                                          "reads genes; this dataset has images"))
+    if shape is not None:
+        pipe.set_params(model__image_shape=list(shape))
     log.info("%s/%s/%s: %s split, %d folds, pipeline %s", dataset, task, model_name, f.scheme, f.n_splits,
              [name for name, _ in pipe.steps])
 

@@ -67,6 +67,28 @@ class CSRTensors:
         return out
 
 
+@dataclass
+class DenseTensors:
+    """A dense matrix (images) as one float32 tensor, with :class:`CSRTensors`' interface."""
+
+    data: torch.Tensor
+
+    @classmethod
+    def from_numpy(cls, X, device: torch.device | str = "cpu") -> DenseTensors:
+        return cls(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device))
+
+    @property
+    def n_rows(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.data[rows.to(self.data.device)]
+
+
 class SparseBatches:
     """An iterable of batches ``(x, y, batch_code)`` over ``rows`` of a :class:`CSRTensors`.
 
@@ -75,7 +97,7 @@ class SparseBatches:
     permutation (padded like ``DistributedSampler``), so all processes run the same number of steps.
     """
 
-    def __init__(self, X: CSRTensors, rows: np.ndarray, *, y: np.ndarray | None = None, covariate: np.ndarray | None = None,
+    def __init__(self, X: CSRTensors | DenseTensors, rows: np.ndarray, *, y: np.ndarray | None = None, covariate: np.ndarray | None = None,
                  batch_size: int = 256, shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
         device = X.data.device
         self.X = X
@@ -162,7 +184,7 @@ class CellDataModule(L.LightningDataModule):
     Parameters
     ----------
     X
-        cells x features, sparse or dense (held as CSR tensors).
+        cells x features, sparse (held as CSR tensors) or dense (held as it is).
     y
         integer class codes (classifier) or None (autoencoder).
     covariate
@@ -191,7 +213,7 @@ class CellDataModule(L.LightningDataModule):
             return torch.device("cpu")
         if self.on_device is True:
             return root
-        nbytes = (self.X.nnz if sp.issparse(self.X) else np.count_nonzero(self.X)) * 12 + self.X.shape[0] * 8
+        nbytes = self.X.nnz * 12 + self.X.shape[0] * 8 if sp.issparse(self.X) else self.X.size * 4
         free = torch.cuda.mem_get_info(root)[0] if root.type == "cuda" else 0
         if nbytes < DEVICE_FRACTION * free:
             return root
@@ -212,7 +234,9 @@ class CellDataModule(L.LightningDataModule):
         if getattr(self, "tensors", None) is not None and device == self.device:
             return
         self.device = device
-        self.tensors = CSRTensors.from_scipy(self.X, self.device)
+        # images are dense: held as they are (as CSR they would take three times the memory)
+        self.tensors = (CSRTensors.from_scipy(self.X, self.device) if sp.issparse(self.X)
+                        else DenseTensors.from_numpy(self.X, self.device))
         log.info("%d training and %d validation cells (%s split); matrix on %s (%.1f MiB)", len(self.fit_rows),
                  len(self.val_rows), self.split_kind, self.device, self.tensors.nbytes / 2**20)
 
