@@ -36,8 +36,8 @@ class ImageSimulation:
     seed: int = 0
     #: how much wells differ in staining (0: not at all)
     group_effect: float = 1.0
-    #: how much the classes differ in shape and texture (0: not at all; at 0.6 a small CNN scores
-    #: about 0.7 macro-F1 on new plates and 0.85 on a random split, benchmarks/RESULTS.md)
+    #: how much the classes differ in shape and texture (0: not at all; at 0.6 the small CNN scores
+    #: macro-F1 0.76 on new plates and 0.90 on a random split, benchmarks/RESULTS.md)
     class_effect: float = 0.6
     noise: float = 0.05
 
