@@ -37,8 +37,12 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+#: every augmentation off (a model's augmentation is laid over the defaults, which are on)
+NONE = {"flips": False, "rotate90": False, "brightness": 0.0, "contrast": 0.0, "crop_scale": 1.0}
+
+
 def speed(images, y, shape, architecture: str, augmentation: dict, epochs: int) -> dict:
-    from cellatlas.deep.vision import CNNClassifier
+    from cellatlas.deep.estimator import CNNClassifier
 
     model = CNNClassifier(image_shape=shape, architecture=architecture, augmentation=augmentation,
                           max_epochs=epochs, patience=epochs, val_fraction=0.0, batch_size=64)
@@ -47,7 +51,7 @@ def speed(images, y, shape, architecture: str, augmentation: dict, epochs: int) 
     t = time.perf_counter()
     model.predict_proba(images)
     infer = len(images) / (time.perf_counter() - t)
-    return {"architecture": architecture, "augmentation": bool(augmentation), "epochs": model.fit_summary_["epochs"],
+    return {"architecture": architecture, "augmentation": augmentation != NONE, "epochs": model.fit_summary_["epochs"],
             "train_images_per_s": round(train, 1), "inference_images_per_s": round(infer, 1),
             "device": model.fit_summary_["device"]}
 
@@ -72,7 +76,7 @@ def cv(images, y, groups, shape, split, **params) -> list[float]:
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    from cellatlas.deep.vision import CNNClassifier
+    from cellatlas.deep.estimator import CNNClassifier
 
     splitter = StratifiedGroupKFold(4) if split == "grouped" else StratifiedKFold(4, shuffle=True, random_state=0)
     scores = []
@@ -107,7 +111,7 @@ def main() -> None:
     aug = {"flips": True, "rotate90": True, "brightness": 0.1, "contrast": 0.1, "crop_scale": 0.85}
     result = {"machine": machine(), "threads": torch.get_num_threads(), "n_images": len(images), "shape": list(shape),
               "speed": [speed(images, y, shape, a, g, args.epochs)
-                        for a in ("small_cnn", "resnet18") for g in ({}, aug)],
+                        for a in ("small_cnn", "resnet18") for g in (NONE, aug)],
               "augmentation_alone_images_per_s": augmentation_alone(images, shape, aug)}
     print(json.dumps(result, indent=2), flush=True)
     if not args.quick:
@@ -116,7 +120,7 @@ def main() -> None:
         result["random_split"] = cv(images, y, None, shape, "random")
         small = simulate_images(n_plates=4, wells_per_class=1, fields_per_well=1, cells_per_field=6, seed=12)
         sy, sp = small.obs["label"].astype(str).to_numpy(), small.obs["plate"].astype(str).to_numpy()
-        from cellatlas.deep.vision import CNNClassifier
+        from cellatlas.deep.estimator import CNNClassifier
 
         source = CNNClassifier(image_shape=shape, max_epochs=12, patience=4,
                                augmentation={"flips": True, "rotate90": True}).fit(images, y, groups=plates)

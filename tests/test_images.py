@@ -73,6 +73,25 @@ def test_a_table_of_16_bit_tiffs_keeps_every_channel_and_its_groups(tmp_path):
                                atol=1e-6)
 
 
+def test_stacks_keep_every_channel_first_or_last_and_object_arrays_are_refused(tmp_path):
+    import tifffile
+    from cellatlas.images import image_shape
+    from cellatlas.images.read import load_image, read_npz
+
+    many = np.random.default_rng(3).integers(0, 255, (10, 16, 16), dtype=np.uint8)  # 10 channels first
+    tifffile.imwrite(tmp_path / "first.tif", many)
+    tifffile.imwrite(tmp_path / "last.tif", np.moveaxis(many, 0, -1))
+    np.testing.assert_array_equal(load_image(tmp_path / "first.tif"), load_image(tmp_path / "last.tif"))
+    assert load_image(tmp_path / "first.tif").shape == (10, 16, 16)
+    big_endian = np.random.default_rng(4).integers(0, 65535, (4, 8, 8, 3)).astype(">u2")
+    np.savez(tmp_path / "be.npz", images=big_endian, labels=np.array(["a", "b"] * 2))
+    adata = read_npz("arr", tmp_path / "be.npz")
+    assert image_shape(adata) == (3, 8, 8) and adata.X.max() <= 1.0
+    np.savez(tmp_path / "obj.npz", images=big_endian, labels=np.array(["a", "b", "a", "b"], dtype=object))
+    with pytest.raises(InputDataError, match=r"^dataset 'arr', file '.*obj\.npz': .*allow_pickle.*astype\(str\)"):
+        read_npz("arr", tmp_path / "obj.npz")
+
+
 def test_an_npz_of_grey_images_is_one_channel(tmp_path):
     from cellatlas.images import image_shape
     from cellatlas.images.read import read_npz
@@ -155,7 +174,7 @@ def test_resnet18_has_torchvisions_layers_and_takes_any_channel_count():
 
 
 def _fit(small, **kw):
-    from cellatlas.deep.vision import CNNClassifier
+    from cellatlas.deep.estimator import CNNClassifier
     from cellatlas.images import image_shape
 
     y = small.obs[keys.LABEL].astype(str).to_numpy()
@@ -182,16 +201,20 @@ def test_init_weights_load_what_fits_and_freezing_trains_only_the_last_block(sma
     torch.save(source.net_.state_dict(), path)
     tuned = _fit(small, init_weights=str(path), freeze="all_but_last")
     before, after = source.net_.state_dict(), tuned.net_.state_dict()
-    # the first blocks are the source's, untouched; the last block and the head were trained on
-    assert torch.equal(before["blocks.0.0.weight"], after["blocks.0.0.weight"])
-    assert torch.equal(before["blocks.1.0.weight"], after["blocks.1.0.weight"])
+    # the first blocks are the source's, untouched, batch-norm statistics included; the last
+    # block and the head were trained on
+    for key in ("blocks.0.0.weight", "blocks.1.0.weight", "blocks.0.1.running_mean", "blocks.1.1.running_var"):
+        assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["blocks.2.0.weight"], after["blocks.2.0.weight"])
+    assert not torch.equal(before["blocks.2.1.running_mean"], after["blocks.2.1.running_mean"])
     wrong = tmp_path / "resnet.pt"
     from cellatlas.deep.vision import ResNet18
 
     torch.save(ResNet18(7, 2).state_dict(), wrong)
     with pytest.raises(CellAtlasError, match=r"init_weights '.*resnet\.pt': none of its \d+ tensors fits"):
         _fit(small, init_weights=str(wrong))
+    with pytest.raises(CellAtlasError, match=r"freeze 'all_but_last' without init_weights"):
+        _fit(small, freeze="all_but_last")
 
 
 def test_image_models_and_datasets_are_checked_in_the_config():
@@ -214,6 +237,19 @@ def test_image_models_and_datasets_are_checked_in_the_config():
         validate({**cfg(), "classify": {"classifiers": {"c": {"kind": "cnn"}}}}, SCHEMA)
     with pytest.raises(ConfigError, match=r"^config key 'images.models.cnn.params': .*'depth'"):
         validate(cfg(models={"cnn": {"kind": "cnn", "params": {"depth": 3}}}), SCHEMA)
+    with pytest.raises(ConfigError, match=r"^config key 'images.models.cnn.params': unknown augmentation \['flip'\]"):
+        validate(cfg(models={"cnn": {"kind": "cnn", "params": {"augmentation": {"flip": True}}}}), SCHEMA)
+    # a model's own augmentation is laid over images.augmentation key by key
+    own = validate(cfg(models={"cnn": {"kind": "cnn", "params": {"augmentation": {"crop_scale": 0.8}}}}), SCHEMA)
+    augmentation = classify_tasks(own)[("cells", "label")]["models"]["cnn"]["params"]["augmentation"]
+    assert augmentation["crop_scale"] == 0.8 and augmentation["flips"] is True
+    # a network trained on the dataset's own images has seen its test folds
+    leak = cfg(models={"cnn": {"kind": "cnn"}, "tuned": {"kind": "cnn", "params": {
+        "init_weights": "results/cells/classify/label/models/cnn/model.ckpt"}}})
+    with pytest.raises(ConfigError, match=r"init_weights': '.*' was trained on dataset 'cells' itself"):
+        validate(leak, SCHEMA)
+    leak["images"]["datasets"]["cells"]["models"] = ["cnn"]
+    validate(leak, SCHEMA)
     bad_split = cfg()
     bad_split["images"]["datasets"]["cells"]["split"] = {"group_key": "donor"}
     with pytest.raises(ConfigError, match=r"'donor' is not one of its group_keys \['plate', 'well', 'field'\]"):

@@ -238,9 +238,7 @@ def test_data_parallel_training_starts_one_process_per_requested_device(run, ser
     # a few epochs (in the config file: --config passes nested numbers as text): what is checked is
     # how many processes trained, not the model
     config = slurm_config()
-    config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS
-    config["images"]["datasets"]["sim_cells"]["source"]["cells_per_field"] = 4
-    config["images"]["models"]["cnn"]["params"]["max_epochs"] = SLURM_EPOCHS - 1
+    config["train"]["embedding"]["max_epochs"] = SLURM_EPOCHS - 1
     write_config(workdir, config)
     train = json.dumps({"trainer": {"devices": 2}})  # merged into the file's train section
     tracking = json.dumps({"uri": services.tracking_uri, "experiment": "cellatlas"})

@@ -99,6 +99,20 @@ def get_image_group_keys(wildcards):
     return image_group_keys(get_image_dataset(wildcards))
 
 
+def get_image_source(wildcards):
+    return get_image_dataset(wildcards)["source"]
+
+
+def get_classify_setting(name):
+    """Params function: classify.<name> (features, importance) for an expression task; nothing
+    for an image dataset's, whose networks use neither (changing them reruns no image model)."""
+
+    def setting(wildcards):
+        return {} if wildcards.dataset in config["images"]["datasets"] else config["classify"][name]
+
+    return setting
+
+
 def get_image_input(wildcards):
     """The source a job reads (a folder, a table or an archive); a table's images are read through it."""
     source = get_image_dataset(wildcards)["source"]

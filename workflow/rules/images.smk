@@ -11,7 +11,7 @@ rule image_ingest:
         classes="results/{dataset}/images/classes.tsv",
         run="results/{dataset}/images/run.json",
     params:
-        dataset=get_image_dataset,
+        source=get_image_source,
         group_keys=get_image_group_keys,
         seed=config["seed"],
     log:

@@ -31,8 +31,8 @@ rule train_mlp:
         model=model_pattern(deep=True),
     params:
         model=get_model_params,
-        features=config["classify"]["features"],
-        importance=config["classify"]["importance"],
+        features=get_classify_setting("features"),
+        importance=get_classify_setting("importance"),
         trainer=config["train"]["trainer"],
         seed=config["seed"],
     threads: 4

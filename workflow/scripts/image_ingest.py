@@ -6,7 +6,7 @@ from cellatlas.runner import run_stage
 def compute(smk, live):
     from cellatlas.images.stage import ingest_images_stage
 
-    return ingest_images_stage(smk.wildcards.dataset, smk.params.dataset, group_keys=smk.params.group_keys,
+    return ingest_images_stage(smk.wildcards.dataset, smk.params.source, group_keys=smk.params.group_keys,
                                seed=smk.params.seed)
 
 

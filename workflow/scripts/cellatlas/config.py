@@ -234,9 +234,10 @@ def image_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict[tu
         if model["kind"] not in image_kinds():
             raise ConfigError(f"config key 'images.models.{name}.kind': {model['kind']} does not read images "
                               f"(kinds: {image_kinds()})")
-        if name in classifiers:
-            raise ConfigError(f"config key 'images.models.{name}': '{name}' is also a model of classify.classifiers; "
-                              "name it otherwise")
+        regressors = config.get("classify", {}).get("regressors", {})
+        if name in classifiers or name in regressors:
+            raise ConfigError(f"config key 'images.models.{name}': '{name}' is also a model of classify."
+                              f"{'classifiers' if name in classifiers else 'regressors'}; name it otherwise")
         if check_models:
             _check_model(f"images.models.{name}", model, keys.CLASSIFICATION)
     for name, model in classifiers.items():
@@ -250,6 +251,9 @@ def image_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict[tu
             raise ConfigError(f"config key 'images.datasets.{ds}': '{ds}' is also a dataset of 'datasets'; "
                               "name it otherwise")
         groups = image_group_keys(entry)
+        if entry["source"]["kind"] == "simulate" and (odd := sorted(set(groups) - set(SIMULATED_IMAGE_GROUPS))):
+            raise ConfigError(f"config key 'images.datasets.{ds}.group_keys': {odd} are not groups the simulator "
+                              f"makes ({SIMULATED_IMAGE_GROUPS})")
         split = {"scheme": "auto", "n_splits": 4, "group_key": None, "train_batches": [], "test_batches": [],
                  **{k: v for k, v in images.get("split", {}).items()}, **entry.get("split", {})}
         if split["group_key"] is None:
@@ -261,16 +265,28 @@ def image_tasks(config: dict[str, Any], *, check_models: bool = True) -> dict[tu
         if unknown := [m for m in chosen if m not in models]:
             raise ConfigError(f"config key 'images.datasets.{ds}.models': {unknown} not in images.models "
                               f"({sorted(models)})")
+        for m in chosen:
+            # a network fitted on this dataset's own images has seen every test fold
+            init = str((models[m].get("params") or {}).get("init_weights") or "")
+            if init.replace("\\", "/").lstrip("./").startswith(f"results/{ds}/"):
+                raise ConfigError(f"config key 'images.models.{m}.params.init_weights': '{init}' was trained on "
+                                  f"dataset '{ds}' itself, whose folds it would score; leave '{m}' out of "
+                                  f"images.datasets.{ds}.models")
         out[(ds, "label")] = {
             "target": keys.LABEL,
             "kind": keys.CLASSIFICATION,
             "split": split,
-            "models": {m: {**models[m], "params": {"augmentation": augmentation, **(models[m].get("params") or {})}}
+            "models": {m: {**models[m], "params": _with_augmentation(models[m].get("params") or {}, augmentation)}
                        for m in chosen},
             "dir": keys.TASK_DIRS[keys.CLASSIFICATION],
             "images": True,
         }
     return out
+
+
+def _with_augmentation(params: dict[str, Any], augmentation: dict[str, Any]) -> dict[str, Any]:
+    """A model's params with images.augmentation under its own augmentation, key by key."""
+    return {**params, "augmentation": {**augmentation, **(params.get("augmentation") or {})}}
 
 
 def image_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -56,7 +56,7 @@ def _mlp(**kw):
 
 
 def _cnn(**kw):
-    from cellatlas.deep.vision import CNNClassifier
+    from cellatlas.deep.estimator import CNNClassifier
 
     return CNNClassifier(**kw)
 

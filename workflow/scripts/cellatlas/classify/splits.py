@@ -200,8 +200,8 @@ def make_folds(
         has_groups = group_key in obs.columns and obs[group_key].dropna().nunique() >= 2
         scheme = "grouped" if has_groups else "stratified"
         if not has_groups:
-            notes.append(f"no '{group_key}' groups: the folds split single cells, so the scores may be optimistic "
-                         f"for cells of a new {group_key}")
+            notes.append(f"no '{group_key}' groups: the folds split single cells (or images), so the scores may be "
+                         "optimistic for a new experiment")
     groups_col = {"grouped": group_key, "leave_one_batch_out": keys.BATCH, "batches": keys.BATCH}.get(scheme)
     if groups_col is not None:
         if groups_col not in obs.columns:

@@ -192,8 +192,9 @@ def model_stage(
         result.metrics["ece"] = ece
     t1 = time.perf_counter()
     genes = ev.importance(
-        X, f, final, cv, method=spec.importance, gene_names=var_names, n_top=importance["n_genes"],
-        max_cells=importance["max_cells"], n_repeats=importance["n_repeats"], candidates=importance["candidates"], seed=seed,
+        X, f, final, cv, method=spec.importance, gene_names=var_names, n_top=importance.get("n_genes", 25),
+        max_cells=importance.get("max_cells", 1000), n_repeats=importance.get("n_repeats", 3),
+        candidates=importance.get("candidates", 50), seed=seed,
     )
     t2 = time.perf_counter()
     log.info("final model %.1f s, importance (%s) %.1f s", t1 - t0, genes["method"].iloc[0] if len(genes) else "-", t2 - t1)

@@ -1,5 +1,5 @@
-"""Convolutional networks for images of cells: the networks, the augmentation, the training
-plan, and the scikit-learn estimator the classify stage cross-validates like any other model.
+"""Convolutional networks for images of cells: the networks, the augmentation and the training
+plan behind :class:`cellatlas.deep.estimator.CNNClassifier`.
 
 * The estimator's rows are images flattened (channels x height x width, :mod:`cellatlas.images`);
   ``image_shape`` gives them back their shape.
@@ -18,26 +18,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from numbers import Integral, Real
 from typing import Any
 
-import numpy as np
+import lightning.pytorch as L
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 from torch.nn import functional as F
 
+from cellatlas.deep.estimator import ARCHITECTURES
 from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS, _check_finite
 from cellatlas.errors import CellAtlasError
 
-import lightning.pytorch as L
-
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("small_cnn", "resnet18")
-FREEZE = ("none", "all_but_last")
-PREDICT_CHUNK = 1024
 
 
 class SmallCNN(nn.Module):
@@ -196,6 +189,16 @@ class ImagePlan(L.LightningModule):
             for p in module.parameters():
                 p.requires_grad_(True)
 
+    def _frozen_norms(self) -> list[nn.Module]:
+        trainable = {id(m) for block in tail(self.net) for m in block.modules()}
+        return [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in trainable]
+
+    def on_train_epoch_start(self) -> None:
+        # a frozen block keeps its batch-norm statistics too: evaluation mode, not the new data's
+        if self.hparams.freeze == "all_but_last":
+            for m in self._frozen_norms():
+                m.eval()
+
     def _loss(self, logits, y):
         return F.cross_entropy(logits.float(), y, weight=self.class_weights)
 
@@ -241,135 +244,3 @@ def load_weights(net: nn.Module, path: str) -> int:
     net.load_state_dict(usable, strict=False)
     log.info("init_weights %s: %d of the network's %d tensors loaded", path, len(usable), len(own))
     return len(usable)
-
-
-class CNNClassifier(ClassifierMixin, BaseEstimator):
-    """A Lightning-trained convolutional classifier of images (rows: flattened images).
-
-    Parameters as the config names them: ``architecture`` (small_cnn, resnet18), ``image_shape``
-    (channels, height, width; the stage sets it from the dataset), ``augmentation`` (see
-    :func:`augment`), ``class_weight`` (balanced: the loss weighs classes inversely to their
-    size), ``init_weights``/``freeze`` (transfer learning), and the training settings the MLP has.
-    """
-
-    _parameter_constraints = {
-        "architecture": [StrOptions(set(ARCHITECTURES))],
-        "image_shape": [list, tuple, None],
-        "augmentation": [dict, None],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "patience": [Interval(Integral, 1, None, closed="left")],
-        "val_fraction": [Interval(Real, 0, 0.5, closed="both")],
-        "class_weight": [StrOptions({"balanced"}), None],
-        "init_weights": [str, None],
-        "freeze": [StrOptions(set(FREEZE))],
-        "random_state": [Interval(Integral, 0, None, closed="left")],
-        "n_jobs": [Interval(Integral, 1, None, closed="left"), None],
-        "trainer": [dict, None],
-        "tracking": [dict, None],
-    }
-
-    def __init__(self, architecture: str = "small_cnn", image_shape: Sequence[int] | None = None,
-                 augmentation: Mapping[str, Any] | None = None, dropout: float = 0.2, lr: float = 1e-3,
-                 weight_decay: float = 0.0, batch_size: int = 64, max_epochs: int = 20, patience: int = 4,
-                 val_fraction: float = 0.1, class_weight: str | None = "balanced", init_weights: str | None = None,
-                 freeze: str = "none", random_state: int = 0, n_jobs: int | None = None,
-                 trainer: Mapping[str, Any] | None = None, tracking: Mapping[str, str] | None = None):
-        self.architecture = architecture
-        self.image_shape = image_shape
-        self.augmentation = augmentation
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.val_fraction = val_fraction
-        self.class_weight = class_weight
-        self.init_weights = init_weights
-        self.freeze = freeze
-        self.random_state = random_state
-        self.n_jobs = n_jobs
-        self.trainer = trainer
-        self.tracking = tracking
-
-    def settings(self):
-        from cellatlas.deep.training import TrainerSettings
-
-        s = TrainerSettings.from_mapping(self.trainer)
-        s.max_epochs, s.patience = self.max_epochs, self.patience
-        s.threads = s.threads or self.n_jobs
-        return s
-
-    def fit(self, X, y, *, groups: np.ndarray | None = None, log_prefix: str = "curve", checkpoint: str | None = None):
-        """Train on images ``X`` (flattened rows), labels ``y``; as :meth:`MLPClassifier.fit`."""
-        from cellatlas.deep.data import CellDataModule
-        from cellatlas.deep.training import fit, seed
-
-        self._validate_params()
-        X = np.asarray(X, dtype=np.float32)
-        if self.image_shape is None:
-            raise CellAtlasError("the image model has no image_shape (an image dataset sets it)")
-        shape = tuple(int(v) for v in self.image_shape)
-        if X.shape[1] != int(np.prod(shape)):
-            raise CellAtlasError(f"rows of {X.shape[1]} values are not images of shape {shape}")
-        self.classes_, codes = np.unique(np.asarray(y).astype(str), return_inverse=True)
-        weights = None
-        if self.class_weight == "balanced":
-            counts = np.bincount(codes, minlength=len(self.classes_))
-            weights = (len(codes) / (len(self.classes_) * np.maximum(counts, 1))).tolist()
-        self.n_features_in_ = X.shape[1]
-        # per-channel normalization from the training rows only
-        channels = X.reshape(X.shape[0], shape[0], -1)
-        mean = channels.mean(axis=(0, 2), dtype=np.float64)
-        sd = channels.std(axis=(0, 2), dtype=np.float64)
-        sd[sd < 1e-6] = 1.0
-        seed(self.random_state)
-        plan = ImagePlan(shape, len(self.classes_), architecture=self.architecture, dropout=self.dropout, lr=self.lr,
-                         weight_decay=self.weight_decay, class_weights=weights, augmentation=dict(self.augmentation or {}),
-                         mean=mean.tolist(), sd=sd.tolist(), freeze=self.freeze)
-        if self.init_weights:
-            load_weights(plan.net, self.init_weights)
-        if self.freeze == "all_but_last":
-            plan.freeze_all_but_last()
-        settings = self.settings()
-        data = CellDataModule(X, y=codes, groups=None if groups is None else np.asarray(groups),
-                              val_fraction=self.val_fraction, batch_size=self.batch_size, seed=self.random_state,
-                              on_device=settings.data_on_device)
-        result = fit(plan, data, settings, tracking=self.tracking, prefix=log_prefix, checkpoint=checkpoint)
-        # the network and its normalization, without the plan (which holds the Trainer)
-        self.net_ = result.plan.net.cpu().eval()
-        self.shape_, self.mean_, self.sd_ = shape, mean.astype(np.float32), sd.astype(np.float32)
-        self.history_ = result.history
-        self.fit_summary_ = result.summary()
-        self.fit_summary_.update(device=result.device, precision=result.precision, validation_split=result.split)
-        return self
-
-    def _logits(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32)
-        c = self.shape_[0]
-        mean = torch.from_numpy(self.mean_).view(1, c, 1, 1)
-        sd = torch.from_numpy(self.sd_).view(1, c, 1, 1)
-        out = []
-        with torch.no_grad():
-            for start in range(0, X.shape[0], PREDICT_CHUNK):
-                x = torch.from_numpy(np.ascontiguousarray(X[start:start + PREDICT_CHUNK])).view(-1, *self.shape_)
-                out.append(self.net_((x - mean) / sd).float().numpy())
-        return np.concatenate(out) if out else np.empty((0, len(self.classes_)), dtype=np.float32)
-
-    def predict_proba(self, X) -> np.ndarray:
-        logits = self._logits(X).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self._logits(X).argmax(axis=1)]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["tracking"] = None
-        return state

@@ -8,9 +8,10 @@ Three sources:
 * ``npz``: a NumPy archive with an ``images`` array (cells x height x width [x channels], or
   cells x channels x height x width), ``labels``, and optional arrays named like group columns.
 
-PNG, JPEG and TIFF, 8 or 16 bit (scaled by their bit depth to [0, 1]; floats kept as they are).
-Channels: a grey image is one channel; RGB keeps three and RGBA drops its alpha; a TIFF keeps all
-its channels (channels first when its first axis is the shortest and at most 8 long, else last).
+PNG, JPEG and TIFF, 8 or 16 bit (scaled by their bit depth to [0, 1]; floats kept as they are;
+Pillow reads 16-bit PNGs as 16 bit only when grey: keep 16-bit colour in TIFF). Channels: a grey
+image is one channel; RGB keeps three, RGBA drops its alpha, a palette image is RGB; a TIFF or an
+npz stack keeps all its channels (last when that axis is strictly the shortest, else first).
 Every image of a dataset must have the same size and channels: cropping or resizing is a
 decision about the biology and stays with the user. Every problem is a one-line error naming
 the dataset and the file, raised before anything is trained.
@@ -36,15 +37,18 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def _scaled(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
+    if a.dtype.kind == "u" and a.dtype.itemsize in (1, 2):  # either byte order
+        return a.astype(np.float32) / (255.0 if a.dtype.itemsize == 1 else 65535.0)
     if a.dtype == bool:
         return a.astype(np.float32)
     if np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{a.dtype} pixels (8 or 16 bit, or floats)")
     return a.astype(np.float32)
+
+
+def _channels_last(shape) -> bool:
+    """A stack's channels are its last axis when that is strictly its shortest, else its first."""
+    return shape[-1] < min(shape[:-1])
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -54,7 +58,7 @@ def load_image(path: str | Path) -> np.ndarray:
         import tifffile
 
         a = tifffile.imread(path)
-        if a.ndim == 3 and not (a.shape[0] <= 8 and a.shape[0] < min(a.shape[1:])):
+        if a.ndim == 3 and _channels_last(a.shape):
             a = np.moveaxis(a, -1, 0)
     else:
         from PIL import Image
@@ -145,9 +149,14 @@ def read_table(dataset: str, path: str | Path, *, path_column: str = "path", lab
     table_path = Path(path)
     if not table_path.is_file():
         raise InputDataError(dataset, "image table does not exist", path=str(table_path))
-    sep = "\t" if table_path.suffix.lower() in (".tsv", ".txt") else ","
-    table = pd.read_csv(table_path, sep=sep, dtype=str)
-    for role, col in (("path_column", path_column), ("label_key", label_column), *(("group_keys", g) for g in group_keys)):
+    name = table_path.name.lower().removesuffix(".gz")
+    sep = "\t" if name.endswith((".tsv", ".txt")) else ","
+    try:
+        table = pd.read_csv(table_path, sep=sep, dtype=str)
+    except Exception as e:  # empty, not text, not a table
+        raise InputDataError(dataset, f"cannot read the image table: {str(e).splitlines()[0]}",
+                             path=str(table_path)) from None
+    for role, col in (("path_column", path_column), ("label_column", label_column), *(("group_keys", g) for g in group_keys)):
         if col not in table.columns:
             raise InputDataError(dataset, f"image table has no column '{col}' ({role}; columns: "
                                           f"{', '.join(table.columns[:15])})", path=str(table_path))
@@ -177,11 +186,15 @@ def read_npz(dataset: str, path: str | Path, *, images: str = "images", labels: 
             if name not in archive.files:
                 raise InputDataError(dataset, f"archive has no array '{name}' ({role}; arrays: "
                                               f"{', '.join(archive.files)})", path=str(npz_path))
-        a = archive[images]
-        columns = {labels: archive[labels], **{g: archive[g] for g in group_keys}}
+        try:
+            a = archive[images]
+            columns = {labels: archive[labels], **{g: archive[g] for g in group_keys}}
+        except ValueError as e:  # object arrays need pickle, which is never loaded
+            raise InputDataError(dataset, f"{e} (save labels and groups as strings, e.g. .astype(str))",
+                                 path=str(npz_path)) from None
     if a.ndim == 3:
         a = a[:, None]
-    elif a.ndim == 4 and not (a.shape[1] <= 8 and a.shape[1] < min(a.shape[2:])):
+    elif a.ndim == 4 and _channels_last(a.shape[1:]):
         a = np.moveaxis(a, -1, 1)
     if a.ndim != 4 or a.shape[0] == 0 or a.size == 0:
         raise InputDataError(dataset, f"array '{images}' has shape {a.shape}; expected cells x height x width "

@@ -14,15 +14,20 @@ from cellatlas.stage import DatasetInput, Result, plot
 from cellatlas.images import image_shape
 
 
-def read_images(dataset: str, entry: Mapping[str, Any], *, group_keys, seed: int = 0):
-    """The dataset's images as the pipeline's container (:mod:`cellatlas.images`)."""
+def read_images(dataset: str, source: Mapping[str, Any], *, group_keys, seed: int = 0):
+    """The dataset's images (its ``images.datasets.<d>.source``) as the pipeline's container
+    (:mod:`cellatlas.images`)."""
     from cellatlas.images import read
 
-    source = dict(entry["source"])
+    source = dict(source)
     kind = source.pop("kind")
     if kind == "simulate":
-        from cellatlas.images.simulate import simulate_images
+        from dataclasses import fields
 
+        from cellatlas.images.simulate import ImageSimulation, simulate_images
+
+        if odd := sorted(set(source) - {f.name for f in fields(ImageSimulation)}):
+            raise InputDataError(dataset, f"a simulated source takes no {', '.join(odd)} (images.datasets.{dataset}.source)")
         source.setdefault("seed", seed)
         return simulate_images(**source)
     if kind == "folder":
@@ -37,8 +42,9 @@ def read_images(dataset: str, entry: Mapping[str, Any], *, group_keys, seed: int
                          labels=source.get("labels", "labels"), group_keys=group_keys)
 
 
-def ingest_images_stage(dataset: str, entry: Mapping[str, Any], *, group_keys, seed: int = 0) -> Result:
-    adata = read_images(dataset, entry, group_keys=group_keys, seed=seed)
+def ingest_images_stage(dataset: str, source: Mapping[str, Any], *, group_keys, seed: int = 0) -> Result:
+    """The image_ingest rule: read (or simulate) the images, count them per class, show some."""
+    adata = read_images(dataset, source, group_keys=group_keys, seed=seed)
     shape = image_shape(adata)
     labels = adata.obs[keys.LABEL].astype(str)
     classes = labels.value_counts().rename_axis("label").reset_index(name="n_images")
@@ -49,7 +55,7 @@ def ingest_images_stage(dataset: str, entry: Mapping[str, Any], *, group_keys, s
     notes = [] if group_keys else [f"dataset '{dataset}': no group columns; its cross-validation splits single "
                                    "images, and its scores may be optimistic for a new experiment"]
     # a table or archive is logged as the run's input (with its digest); a folder of images is not one file
-    inputs = [DatasetInput(dataset, entry["source"]["path"])] if entry["source"]["kind"] in ("table", "npz") else []
+    inputs = [DatasetInput(dataset, source["path"])] if source["kind"] in ("table", "npz") else []
     images = adata.X.reshape(adata.n_obs, *shape)
     return Result(metrics=metrics, data={"h5ad": adata}, tables={"classes": classes}, inputs=inputs, notes=notes,
                   figures={"montage": plot(plotting.image_montage, images, labels.to_numpy(),
