@@ -5,8 +5,9 @@ augmentation beside them, and what the split and transfer learning do to the sco
     python benchmarks/image_benchmark.py --quick      # speed only
 
 Speed: the simulated screen of the demo (576 crops of 2 x 32 x 32), each architecture trained for a
-fixed number of epochs without validation (images per second over the epochs), with and without
-augmentation; inference over all images; augmentation alone on the same batches. Scores (small CNN,
+fixed number of epochs without validation (images per second over the epochs; the median of three
+fits), with and without augmentation; inference over all images; augmentation alone on the same
+batches (median of three). Scores (small CNN,
 4 folds, the classify stage's own scoring): folds grouped by plate against a random split of the
 same images, and on a small screen (24 images a class) training from scratch against starting from
 the network trained on the first screen (frozen but for the last block, or fine-tuned).
@@ -41,19 +42,22 @@ def machine() -> str:
 NONE = {"flips": False, "rotate90": False, "brightness": 0.0, "contrast": 0.0, "crop_scale": 1.0}
 
 
-def speed(images, y, shape, architecture: str, augmentation: dict, epochs: int) -> dict:
+def speed(images, y, shape, architecture: str, augmentation: dict, epochs: int, repeats: int = 3) -> dict:
+    """Median images/s of ``repeats`` fits (each ``epochs`` epochs) and predictions."""
     from cellatlas.deep.estimator import CNNClassifier
 
-    model = CNNClassifier(image_shape=shape, architecture=architecture, augmentation=augmentation,
-                          max_epochs=epochs, patience=epochs, val_fraction=0.0, batch_size=64)
-    model.fit(images, y)
-    train = len(images) * model.fit_summary_["epochs"] / model.fit_summary_["train_seconds"]
-    t = time.perf_counter()
-    model.predict_proba(images)
-    infer = len(images) / (time.perf_counter() - t)
+    train, infer = [], []
+    for _ in range(repeats):
+        model = CNNClassifier(image_shape=shape, architecture=architecture, augmentation=augmentation,
+                              max_epochs=epochs, patience=epochs, val_fraction=0.0, batch_size=64)
+        model.fit(images, y)
+        train.append(len(images) * model.fit_summary_["epochs"] / model.fit_summary_["train_seconds"])
+        t = time.perf_counter()
+        model.predict_proba(images)
+        infer.append(len(images) / (time.perf_counter() - t))
     return {"architecture": architecture, "augmentation": augmentation != NONE, "epochs": model.fit_summary_["epochs"],
-            "train_images_per_s": round(train, 1), "inference_images_per_s": round(infer, 1),
-            "device": model.fit_summary_["device"]}
+            "repeats": repeats, "train_images_per_s": round(float(np.median(train)), 1),
+            "inference_images_per_s": round(float(np.median(infer)), 1), "device": model.fit_summary_["device"]}
 
 
 def augmentation_alone(images, shape, augmentation: dict, batch: int = 64, repeats: int = 20) -> float:
@@ -64,12 +68,15 @@ def augmentation_alone(images, shape, augmentation: dict, batch: int = 64, repea
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.from_numpy(images[:batch]).view(-1, *shape).to(device)
     augment(x, augmentation)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        augment(x, augmentation)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return round(batch * repeats / (time.perf_counter() - t), 1)
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            augment(x, augmentation)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(batch * repeats / (time.perf_counter() - t))
+    return round(float(np.median(rates)), 1)
 
 
 def cv(images, y, groups, shape, split, **params) -> list[float]:
@@ -92,7 +99,7 @@ def cv(images, y, groups, shape, split, **params) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="speed only")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     import logging
 

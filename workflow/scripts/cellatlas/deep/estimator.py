@@ -32,7 +32,35 @@ AUGMENTATION = {"flips": True, "rotate90": True, "brightness": 0.1, "contrast": 
 PREDICT_VALUES = 2**26
 
 
-class MLPClassifier(ClassifierMixin, BaseEstimator):
+class _LightningClassifier(ClassifierMixin, BaseEstimator):
+    """What the Lightning-trained classifiers share: trainer settings from ``trainer`` and the
+    model's epochs, probabilities from ``_logits``, and pickling without the job's tracking run."""
+
+    def settings(self):
+        from cellatlas.deep.training import TrainerSettings
+
+        s = TrainerSettings.from_mapping(self.trainer)
+        s.max_epochs, s.patience = self.max_epochs, self.patience
+        s.threads = s.threads or self.n_jobs
+        return s
+
+    def predict_proba(self, X) -> np.ndarray:
+        logits = self._logits(X).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self._logits(X).argmax(axis=1)]
+
+    def __getstate__(self):
+        # the tracking run is a property of one job, not of the fitted model
+        state = dict(self.__dict__)
+        state["tracking"] = None
+        return state
+
+
+class MLPClassifier(_LightningClassifier):
     """A Lightning-trained MLP classifier (see :class:`~cellatlas.deep.plans.ClassifierPlan`).
 
     ``max_epochs``, ``patience``, ``batch_size`` and ``val_fraction`` shape training; the
@@ -81,13 +109,6 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.trainer = trainer
         self.tracking = tracking
 
-    def settings(self):
-        from cellatlas.deep.training import TrainerSettings
-
-        s = TrainerSettings.from_mapping(self.trainer)
-        s.max_epochs, s.patience = self.max_epochs, self.patience
-        s.threads = s.threads or self.n_jobs
-        return s
 
     def fit(self, X, y, *, groups: np.ndarray | None = None, log_prefix: str = "curve", checkpoint: str | None = None):
         """Train on ``X, y``; ``groups`` (donors) shape the validation split, ``log_prefix`` the
@@ -132,23 +153,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 out.append(self.net_(torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))).numpy())
         return np.concatenate(out) if out else np.empty((0, len(self.classes_)), dtype=np.float32)
 
-    def predict_proba(self, X) -> np.ndarray:
-        logits = self._logits(X).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
 
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self._logits(X).argmax(axis=1)]
-
-    def __getstate__(self):
-        # the tracking run is a property of one job, not of the fitted model
-        state = dict(self.__dict__)
-        state["tracking"] = None
-        return state
-
-
-class CNNClassifier(ClassifierMixin, BaseEstimator):
+class CNNClassifier(_LightningClassifier):
     """A Lightning-trained convolutional classifier of images (rows: flattened images); torch is
     imported only when it trains or predicts (the config check builds it).
 
@@ -202,13 +208,6 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         self.trainer = trainer
         self.tracking = tracking
 
-    def settings(self):
-        from cellatlas.deep.training import TrainerSettings
-
-        s = TrainerSettings.from_mapping(self.trainer)
-        s.max_epochs, s.patience = self.max_epochs, self.patience
-        s.threads = s.threads or self.n_jobs
-        return s
 
     def _validate_params(self):
         super()._validate_params()
@@ -283,16 +282,4 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                 out.append(self.net_((x - mean) / sd).float().numpy())
         return np.concatenate(out) if out else np.empty((0, len(self.classes_)), dtype=np.float32)
 
-    def predict_proba(self, X) -> np.ndarray:
-        logits = self._logits(X).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
 
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self._logits(X).argmax(axis=1)]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["tracking"] = None
-        return state
