@@ -2,7 +2,7 @@
 augmentation beside them, and what the split and transfer learning do to the scores.
 
     python benchmarks/image_benchmark.py              # CPU; on a GPU node it uses the GPU
-    python benchmarks/image_benchmark.py --quick      # speed only
+    python benchmarks/image_benchmark.py --quick      # speed only (the last scores are kept)
 
 Speed: the simulated screen of the demo (576 crops of 2 x 32 x 32), each architecture trained for a
 fixed number of epochs without validation (images per second over the epochs; the median of three
@@ -137,6 +137,8 @@ def main() -> None:
         result["small_frozen"] = cv(small.X, sy, sp, shape, "grouped", init_weights=str(weights), freeze="all_but_last")
         result["small_tuned"] = cv(small.X, sy, sp, shape, "grouped", init_weights=str(weights), lr=3e-4)
         result["score_seconds"] = round(time.perf_counter() - t, 1)
+    elif (out / "result.json").exists():  # speed again: the scores of the last full run stay
+        result = {**json.loads((out / "result.json").read_text()), **result}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "speed"}, indent=2))
 
