@@ -383,7 +383,8 @@ def test_each_method_is_calibrated_on_reference_cells_it_did_not_see(workdir):
             assert run.data.metrics["novel/auroc_typicality"] == pytest.approx(novel["auroc_typicality"].mean())
 
 
-def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):
+def test_too_few_shared_genes_fail_the_atlas_cleanly(tmp_path):
+    """The map is fitted on the HVGs its queries share: too few fail its reference job, at once."""
     cfg = {
         "datasets": {
             "ref": {"source": {"kind": "simulate", "n_cells": 400, "n_genes": 300, "n_types": 3, "seed": 0},
@@ -403,9 +404,9 @@ def test_too_few_shared_genes_fail_the_mapping_cleanly(tmp_path):
         r"cellatlas error in stage atlas: atlas 'a': reference 'ref' and query 'pbmc68k' share 0 of the \d+ genes "
         r"the reference PCA uses \(matched by symbol\); at least 100 are needed \(atlas.min_shared_genes\)",
         lines[0]), r.stderr[-3000:]
-    assert not (w / "results" / "atlas" / "a" / "pbmc68k" / "projection" / "mapped.h5ad").exists()
+    assert not (w / "results" / "atlas" / "a" / "reference.h5ad").exists()
     runs = {r.info.run_name: r for r in _runs(w)}
-    assert runs["atlas:a/pbmc68k/projection"].info.status == "FAILED"
+    assert runs["atlas:a/reference"].info.status == "FAILED" and "atlas:a/pbmc68k/projection" not in runs
     assert all(r.info.status != "RUNNING" for r in runs.values())
 
 
