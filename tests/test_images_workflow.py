@@ -98,6 +98,8 @@ def test_image_runs_are_tracked_with_live_curves(screen_run):
     assert run.data.params["model.kind"] == "cnn" and run.data.params["model.params.augmentation.flips"] == "True"
     curve = client.get_metric_history(record["run_id"], "curve/val_loss")
     assert len(curve) >= 2 and np.isfinite([c.value for c in curve]).all()
+    # the same curves, under the same names, as the MLP's
+    assert len(client.get_metric_history(record["run_id"], "curve/val_macro_f1")) == len(curve)
     ingest = json.loads((screen_run / "results" / "cells" / "images" / "run.json").read_text())
     assert client.get_run(ingest["run_id"]).data.metrics["n_images"] == 576
     tuned = json.loads((screen_run / "results" / "cells_small" / "classify" / "label" / "models" / "cnn_tuned"

@@ -289,10 +289,6 @@ def _with_augmentation(params: dict[str, Any], augmentation: dict[str, Any]) -> 
     return {**params, "augmentation": {**augmentation, **(params.get("augmentation") or {})}}
 
 
-def image_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return dict(config.get("images", {}).get("datasets", {}))
-
-
 def embedding_datasets(config: dict[str, Any]) -> list[str]:
     """Datasets that train a VAE: ``train.embedding.datasets``, or (null) every dataset with counts.
 

@@ -34,7 +34,8 @@ PREDICT_VALUES = 2**26
 
 class _LightningClassifier(ClassifierMixin, BaseEstimator):
     """What the Lightning-trained classifiers share: trainer settings from ``trainer`` and the
-    model's epochs, probabilities from ``_logits``, and pickling without the job's tracking run."""
+    model's epochs, class codes and weights, the fit, probabilities from ``_logits``, and pickling
+    without the job's tracking run."""
 
     def settings(self):
         from cellatlas.deep.training import TrainerSettings
@@ -43,6 +44,31 @@ class _LightningClassifier(ClassifierMixin, BaseEstimator):
         s.max_epochs, s.patience = self.max_epochs, self.patience
         s.threads = s.threads or self.n_jobs
         return s
+
+    def _encode(self, y) -> tuple[np.ndarray, list[float] | None]:
+        """Class codes of ``y`` (``classes_`` set) and, with ``class_weight="balanced"``, each
+        class's loss weight, inversely to its size."""
+        self.classes_, codes = np.unique(np.asarray(y).astype(str), return_inverse=True)
+        if self.class_weight != "balanced":
+            return codes, None
+        counts = np.bincount(codes, minlength=len(self.classes_))
+        return codes, (len(codes) / (len(self.classes_) * np.maximum(counts, 1))).tolist()
+
+    def _train(self, plan, X, codes, *, groups, log_prefix: str, checkpoint: str | None):
+        """Fit ``plan`` on ``X`` and keep its best network on the CPU, its history and summary."""
+        from cellatlas.deep.data import CellDataModule
+        from cellatlas.deep.training import fit
+
+        settings = self.settings()
+        data = CellDataModule(X, y=codes, groups=None if groups is None else np.asarray(groups),
+                              val_fraction=self.val_fraction, batch_size=self.batch_size, seed=self.random_state,
+                              on_device=settings.data_on_device)
+        result = fit(plan, data, settings, tracking=self.tracking, prefix=log_prefix, checkpoint=checkpoint)
+        self.net_ = result.plan.net.cpu().eval()
+        self.history_ = result.history
+        self.fit_summary_ = result.summary()
+        self.fit_summary_.update(device=result.device, precision=result.precision, validation_split=result.split)
+        return self
 
     def predict_proba(self, X) -> np.ndarray:
         logits = self._logits(X).astype(np.float64)
@@ -113,16 +139,11 @@ class MLPClassifier(_LightningClassifier):
     def fit(self, X, y, *, groups: np.ndarray | None = None, log_prefix: str = "curve", checkpoint: str | None = None):
         """Train on ``X, y``; ``groups`` (donors) shape the validation split, ``log_prefix`` the
         MLflow metric names, ``checkpoint`` receives the best epoch's Lightning checkpoint."""
-        from cellatlas.deep.data import CellDataModule
         from cellatlas.deep.plans import ClassifierPlan
-        from cellatlas.deep.training import fit, seed
+        from cellatlas.deep.training import seed
 
         self._validate_params()
-        self.classes_, codes = np.unique(np.asarray(y).astype(str), return_inverse=True)
-        weights = None
-        if self.class_weight == "balanced":
-            counts = np.bincount(codes, minlength=len(self.classes_))
-            weights = (len(codes) / (len(self.classes_) * np.maximum(counts, 1))).tolist()
+        codes, weights = self._encode(y)
         self.n_features_in_ = X.shape[1]
         seed(self.random_state)
         plan = ClassifierPlan(
@@ -130,17 +151,7 @@ class MLPClassifier(_LightningClassifier):
             input_clip=self.input_clip, lr=self.lr, weight_decay=self.weight_decay, class_weights=weights,
             label_smoothing=self.label_smoothing,
         )
-        settings = self.settings()
-        data = CellDataModule(X, y=codes, groups=None if groups is None else np.asarray(groups),
-                              val_fraction=self.val_fraction, batch_size=self.batch_size, seed=self.random_state,
-                              on_device=settings.data_on_device)
-        result = fit(plan, data, settings, tracking=self.tracking, prefix=log_prefix,
-                     checkpoint=checkpoint)
-        self.net_ = result.plan.net.cpu().eval()
-        self.history_ = result.history
-        self.fit_summary_ = result.summary()
-        self.fit_summary_.update(device=result.device, precision=result.precision, validation_split=result.split)
-        return self
+        return self._train(plan, X, codes, groups=groups, log_prefix=log_prefix, checkpoint=checkpoint)
 
     def _logits(self, X) -> np.ndarray:
         import torch
@@ -220,8 +231,7 @@ class CNNClassifier(_LightningClassifier):
 
     def fit(self, X, y, *, groups: np.ndarray | None = None, log_prefix: str = "curve", checkpoint: str | None = None):
         """Train on images ``X`` (flattened rows), labels ``y``; as :meth:`MLPClassifier.fit`."""
-        from cellatlas.deep.data import CellDataModule
-        from cellatlas.deep.training import fit, seed
+        from cellatlas.deep.training import seed
         from cellatlas.deep.vision import ImagePlan, load_weights
         from cellatlas.errors import CellAtlasError
 
@@ -234,11 +244,7 @@ class CNNClassifier(_LightningClassifier):
             raise CellAtlasError(f"rows of {X.shape[1]} values are not images of shape {shape}")
         if min(shape[1:]) < 8:
             raise CellAtlasError(f"images of {shape[1]}x{shape[2]} pixels are too small for the networks (8 at least)")
-        self.classes_, codes = np.unique(np.asarray(y).astype(str), return_inverse=True)
-        weights = None
-        if self.class_weight == "balanced":
-            counts = np.bincount(codes, minlength=len(self.classes_))
-            weights = (len(codes) / (len(self.classes_) * np.maximum(counts, 1))).tolist()
+        codes, weights = self._encode(y)
         self.n_features_in_ = X.shape[1]
         # per-channel normalization from the training rows only
         channels = X.reshape(X.shape[0], shape[0], -1)
@@ -254,18 +260,9 @@ class CNNClassifier(_LightningClassifier):
             load_weights(plan.net, self.init_weights)
         if self.freeze == "all_but_last":
             plan.freeze_all_but_last()
-        settings = self.settings()
-        data = CellDataModule(X, y=codes, groups=None if groups is None else np.asarray(groups),
-                              val_fraction=self.val_fraction, batch_size=self.batch_size, seed=self.random_state,
-                              on_device=settings.data_on_device)
-        result = fit(plan, data, settings, tracking=self.tracking, prefix=log_prefix, checkpoint=checkpoint)
-        # the network and its normalization, without the plan (which holds the Trainer)
-        self.net_ = result.plan.net.cpu().eval()
+        # the network's input normalization travels with it (the plan, which holds the Trainer, does not)
         self.shape_, self.mean_, self.sd_ = shape, mean.astype(np.float32), sd.astype(np.float32)
-        self.history_ = result.history
-        self.fit_summary_ = result.summary()
-        self.fit_summary_.update(device=result.device, precision=result.precision, validation_split=result.split)
-        return self
+        return self._train(plan, X, codes, groups=groups, log_prefix=log_prefix, checkpoint=checkpoint)
 
     def _logits(self, X) -> np.ndarray:
         import torch

@@ -45,28 +45,23 @@ class _Plan(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
-class ClassifierPlan(_Plan):
-    """Cross-entropy training of :class:`~cellatlas.deep.modules.MLP`."""
+class ClassifierSteps(_Plan):
+    """What a classifier's training plan does each step: cross-entropy (class weights, label
+    smoothing), per epoch ``train_loss``/``train_accuracy`` and ``val_loss`` plus the classify
+    stage's own scores as ``val_<metric>``. ``train_logits`` is where a plan augments its input."""
 
-    def __init__(self, n_genes: int, n_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.2,
-                 input_clip: float | None = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0):
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = MLP(n_genes, n_classes, hidden=hidden, dropout=dropout, input_clip=input_clip)
-        w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.register_buffer("class_weights", w, persistent=False)
-        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+    class_weights: torch.Tensor | None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
 
     def _loss(self, logits, y):
-        return F.cross_entropy(logits.float(), y, weight=self.class_weights, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits.float(), y, weight=self.class_weights,
+                               label_smoothing=self.hparams.get("label_smoothing", 0.0))
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        logits = self(x)
+        logits = self.train_logits(x)
         loss = self._loss(logits, y)
         _check_finite(loss, self, batch_idx)
         acc = (logits.argmax(1) == y).float().mean()
@@ -92,6 +87,23 @@ class ClassifierPlan(_Plan):
         self._val.clear()
         for name, value in scores("classification", y, p).items():
             self.log(f"val_{name}", value)
+
+
+class ClassifierPlan(ClassifierSteps):
+    """Cross-entropy training of :class:`~cellatlas.deep.modules.MLP`."""
+
+    def __init__(self, n_genes: int, n_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.2,
+                 input_clip: float | None = 10.0, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MLP(n_genes, n_classes, hidden=hidden, dropout=dropout, input_clip=input_clip)
+        w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", w, persistent=False)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class VAEPlan(_Plan):

@@ -20,13 +20,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as L
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from cellatlas.deep.estimator import ARCHITECTURES
-from cellatlas.deep.plans import TRAIN_LOSS, VAL_LOSS, _check_finite
+from cellatlas.deep.plans import ClassifierSteps
 from cellatlas.errors import CellAtlasError
 
 log = logging.getLogger(__name__)
@@ -159,8 +158,9 @@ def augment(x: torch.Tensor, spec: Mapping[str, Any]) -> torch.Tensor:
     return x
 
 
-class ImagePlan(L.LightningModule):
-    """Cross-entropy training of a network on images, augmented in the training step."""
+class ImagePlan(ClassifierSteps):
+    """Cross-entropy training of a network on images, augmented in the training step; its steps
+    and per-epoch metrics are the MLP's (:class:`~cellatlas.deep.plans.ClassifierSteps`)."""
 
     def __init__(self, shape: Sequence[int], n_classes: int, architecture: str = "small_cnn", dropout: float = 0.2,
                  lr: float = 1e-3, weight_decay: float = 0.0, class_weights: Sequence[float] | None = None,
@@ -174,6 +174,7 @@ class ImagePlan(L.LightningModule):
         self.register_buffer("sd", torch.as_tensor(sd if sd is not None else [1.0] * c).view(1, c, 1, 1).float())
         w = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", w, persistent=False)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], *self.hparams.shape)
@@ -199,26 +200,10 @@ class ImagePlan(L.LightningModule):
             for m in self._frozen_norms():
                 m.eval()
 
-    def _loss(self, logits, y):
-        return F.cross_entropy(logits.float(), y, weight=self.class_weights)
-
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
+    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a training batch, augmented as images before they are normalized."""
         images = augment(self.images(x), self.hparams.augmentation or {})
-        logits = self.net((images - self.mean) / self.sd)
-        loss = self._loss(logits, y)
-        _check_finite(loss, self, batch_idx)
-        self.log(TRAIN_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("train_accuracy", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y, _ = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
-        _check_finite(loss, self, batch_idx, "validation")
-        self.log(VAL_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("val_accuracy", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=len(y))
+        return self.net((images - self.mean) / self.sd)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

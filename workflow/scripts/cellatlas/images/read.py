@@ -19,7 +19,6 @@ the dataset and the file, raised before anything is trained.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from cellatlas import keys
 from cellatlas.errors import InputDataError
 
 from cellatlas.images import CHANNELS_KEY, IMAGE_KEY, SHAPE_KEY
-
-log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 

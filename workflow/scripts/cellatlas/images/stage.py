@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import pandas as pd
-
 from cellatlas import keys, plotting
 from cellatlas.errors import InputDataError
 from cellatlas.stage import DatasetInput, Result, plot
